@@ -1,0 +1,474 @@
+"""MEDU's compressor chain over a pytree of per-user updates (every leaf has the user axis first).
+
+A compressor is a hashable, static configuration (usable as a jit static argument) made of layers:
+
+* filter layers, applied in MEDU's order: ``user_sparsification`` (store only some users this round) and
+  ``differential_threshold`` (store the change from a closed-loop per-user reference, or only a flag);
+* one coder layer last: ``lattice_coding`` (dithered lattice codes, bit-packed) or ``identity`` (float32).
+
+``encode(updates, state, key, active)`` returns the ``Message`` to store, the new state, the decoded updates
+(the server's closed-loop view) and measurements; ``decode(message, state, key)`` replays the same
+reconstruction from a stored message. Encoder and decoder states evolve identically (closed loop, like DPCM),
+so replaying a history with ``decode`` gives bit-for-bit the values the encoder saw.
+
+A single layer is itself a compressor (an identity coder is appended when no coder is given), and
+``chain(a, b, c)`` concatenates the layers of several compressors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medu_jax.dither import QuantizerSpec, dequantize, quantize
+from medu_jax.lattices import Lattice
+from medu_jax.packing import pack_bits, unpack_bits
+
+Array = jax.Array
+PyTree = Any
+
+SPARSIFY_MODES = ("random", "topk")
+MISSING_POLICIES = ("last", "reweight")
+
+
+class Message(NamedTuple):
+    """What the server stores for one round.
+
+    active: (K,) bool, users whose update entered the compressor this round (participating, finite).
+    present: (K,) bool, users whose payload row is stored; rows of other users are never stored.
+    flags: {layer name: {flag: (K,) bool}} written by the filter layers.
+    rows: the coder's payload, a pytree whose leaves all have the user axis first.
+    """
+
+    active: Array
+    present: Array
+    flags: dict
+    rows: PyTree
+
+
+class Stats(NamedTuple):
+    """Measurements of one encode call."""
+
+    overload: Array  # int32: overloaded lattice blocks (clipped towards the origin)
+    sq_error: Array  # (K,) ||decoded - update||^2 of active users (0 elsewhere)
+    sq_norm: Array  # (K,) ||update||^2 of active users
+    stored: Array  # (K,) bool, same as message.present
+
+
+class Like(NamedTuple):
+    """Static description of the update pytree: its treedef and each leaf's (shape, dtype name)."""
+
+    treedef: Any
+    leaves: tuple
+
+    @classmethod
+    def of(cls, tree: PyTree) -> "Like":
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        return cls(treedef, tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in leaves))
+
+    @property
+    def num_users(self) -> int:
+        return self.leaves[0][0][0]
+
+    def abstract(self) -> PyTree:
+        return self.treedef.unflatten([jax.ShapeDtypeStruct(s, d) for s, d in self.leaves])
+
+    def zeros(self) -> PyTree:
+        return self.treedef.unflatten([jnp.zeros(s, d) for s, d in self.leaves])
+
+
+def _user_mask(mask: Array, x: Array) -> Array:
+    return mask.reshape(mask.shape + (1,) * (x.ndim - 1))
+
+
+def tree_where(mask: Array, a: PyTree, b: PyTree) -> PyTree:
+    """Per-user select: rows of ``a`` where mask (K,) is True, else rows of ``b``."""
+    return jax.tree.map(lambda x, y: jnp.where(_user_mask(mask, x), x, y), a, b)
+
+
+def tree_sq_norm(tree: PyTree) -> Array:
+    """Per-user squared norm (K,) of a pytree with the user axis first, accumulated in float32 or wider."""
+    parts = [
+        jnp.sum(jnp.square(x.astype(jnp.promote_types(x.dtype, jnp.float32))).reshape(x.shape[0], -1), axis=1)
+        for x in jax.tree.leaves(tree)
+    ]
+    return sum(parts[1:], parts[0])
+
+
+# ----------------------------------------------------------------------------------------------- layers
+
+
+@dataclasses.dataclass(frozen=True)
+class UserSparsification:
+    """Stores the updates of only ``count`` (or ``fraction`` x K) of the active users per round.
+
+    mode "random" draws a uniform subset from the round key (a fixed count keeps shapes static); "topk"
+    keeps the users with the largest update norm. A selected-out user's update is, at decoding, its last
+    stored update (missing="last") or left out and the weights re-normalised (missing="reweight").
+    """
+
+    fraction: float | None = 0.5
+    count: int | None = None
+    mode: str = "random"
+    missing: str = "last"
+    name: str = "sparsify"
+    kind = "filter"
+
+    def __post_init__(self):
+        if self.mode not in SPARSIFY_MODES:
+            raise ValueError(f"unknown sparsification mode {self.mode!r}: choose one of {SPARSIFY_MODES}")
+        if self.missing not in MISSING_POLICIES:
+            raise ValueError(f"unknown missing-update policy {self.missing!r}: choose one of {MISSING_POLICIES}")
+        if self.count is not None:
+            if int(self.count) < 1:
+                raise ValueError(f"count must be >= 1, got {self.count!r}")
+            object.__setattr__(self, "fraction", None)
+        elif self.fraction is None or not 0.0 < float(self.fraction) <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction!r}")
+
+    def num_kept(self, num_users: int) -> int:
+        if self.count is not None:
+            return min(int(self.count), num_users)
+        return max(1, min(num_users, int(round(float(self.fraction) * num_users))))
+
+    def init(self, like: Like) -> dict:
+        if self.missing == "reweight":
+            return {}
+        return {"last": like.zeros(), "has": jnp.zeros((like.num_users,), bool)}
+
+    def select(self, x, present, state, key):
+        k = present.shape[0]
+        if self.mode == "random":
+            score = jax.random.uniform(key, (k,))
+        else:
+            score = tree_sq_norm(x)
+        score = jnp.where(present, score, -jnp.inf)
+        _, idx = jax.lax.top_k(score, self.num_kept(k))
+        selected = jnp.zeros((k,), bool).at[idx].set(True) & present
+        return x, selected, {"selected": selected}
+
+    def restore(self, x_hat, valid, flags, state, active):
+        selected = flags["selected"]
+        if self.missing == "reweight":
+            return x_hat, valid, state
+        x_hat = tree_where(selected, x_hat, state["last"])
+        valid = jnp.where(selected, valid, active & state["has"])
+        state = {"last": tree_where(selected, x_hat, state["last"]), "has": state["has"] | selected}
+        return x_hat, valid, state
+
+
+@dataclasses.dataclass(frozen=True)
+class DifferentialThreshold:
+    """Closed-loop differential coding: store h - r_k, or only a flag when ||h - r_k|| / ||h|| < tau.
+
+    r_k is user k's last stored, decoded update, updated identically by encoder and decoder.
+    """
+
+    tau: float = 0.1
+    name: str = "threshold"
+    kind = "filter"
+
+    def __post_init__(self):
+        if not float(self.tau) >= 0.0:
+            raise ValueError(f"tau must be >= 0, got {self.tau!r}")
+
+    def init(self, like: Like) -> dict:
+        return {"ref": like.zeros(), "has": jnp.zeros((like.num_users,), bool)}
+
+    def select(self, x, present, state, key):
+        delta = jax.tree.map(lambda a, r: a - r.astype(a.dtype), x, state["ref"])
+        rel2 = tree_sq_norm(delta) / jnp.maximum(tree_sq_norm(x), jnp.finfo(jnp.float32).tiny)
+        skipped = present & state["has"] & (rel2 < float(self.tau) ** 2)
+        return delta, present & ~skipped, {"skipped": skipped}
+
+    def restore(self, x_hat, valid, flags, state, active):
+        skipped = flags["skipped"]
+        stored_in = valid | skipped
+        ref = state["ref"]
+        full = jax.tree.map(lambda d, r: r + jnp.where(_user_mask(skipped, d), 0, d).astype(r.dtype), x_hat, ref)
+        new_ref = tree_where(stored_in, full, ref)
+        return full, stored_in, {"ref": new_ref, "has": state["has"] | stored_in}
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """The uncompressed baseline coder: every stored row in float32."""
+
+    name: str = "identity"
+    kind = "coder"
+
+    def encode(self, x, key, like: Like):
+        rows = {"values": [leaf.astype(jnp.float32) for leaf in jax.tree.leaves(x)]}
+        return rows, jnp.zeros((), jnp.int32)
+
+    def decode(self, rows, key, like: Like):
+        return like.treedef.unflatten([v.astype(d) for v, (_, d) in zip(rows["values"], like.leaves)])
+
+
+@dataclasses.dataclass(frozen=True)
+class LatticeCoding:
+    """Dithered lattice codes at ``bits`` per entry, all leaves of a user packed into one uint32 array.
+
+    The dither of user k, leaf i is drawn from fold_in(fold_in(key, k), i): derived, never stored.
+    """
+
+    lattice: str | Lattice = "A2"
+    bits: int = 2
+    scale: str = "maxabs"
+    clip: float | None = None
+    group_size: int | None = None
+    name: str = "lattice"
+    kind = "coder"
+
+    def __post_init__(self):
+        spec = QuantizerSpec(self.lattice, self.bits, self.scale, self.clip, self.group_size)
+        object.__setattr__(self, "lattice", spec.lattice.name)
+        object.__setattr__(self, "clip", spec.clip)
+
+    @property
+    def spec(self) -> QuantizerSpec:
+        return QuantizerSpec(self.lattice, self.bits, self.scale, self.clip, self.group_size)
+
+    def _sizes(self, like: Like):
+        sizes = [int(np.prod(s[1:], dtype=np.int64)) for s, _ in like.leaves]
+        return sizes, [self.spec.layout(n) for n in sizes]
+
+    def encode(self, x, key, like: Like):
+        spec = self.spec
+        leaves = jax.tree.leaves(x)
+        k = leaves[0].shape[0]
+        users = jnp.arange(k)
+        codes, scales, over = [], [], jnp.zeros((), jnp.int32)
+        for i, leaf in enumerate(leaves):
+            flat = leaf.reshape(k, -1)
+            keys = jax.vmap(lambda u: jax.random.fold_in(jax.random.fold_in(key, u), i))(users)
+            q = jax.vmap(lambda v, kk: quantize(v, kk, spec))(flat, keys)
+            codes.append(q.codes)
+            scales.append(q.scales)
+            over = over + jnp.sum(q.overload)
+        words = pack_bits(jnp.concatenate(codes, axis=1), spec.bits)
+        return {"words": words, "scales": jnp.concatenate(scales, axis=1)}, over
+
+    def decode(self, rows, key, like: Like):
+        spec = self.spec
+        sizes, layouts = self._sizes(like)
+        total = sum(lay[2] for lay in layouts)
+        codes = unpack_bits(rows["words"], spec.bits, total)
+        k = codes.shape[0]
+        users = jnp.arange(k)
+        out, c0, s0 = [], 0, 0
+        for i, ((shape, dtype), n, (_, ng, npad)) in enumerate(zip(like.leaves, sizes, layouts)):
+            c, s = codes[:, c0 : c0 + npad], rows["scales"][:, s0 : s0 + ng]
+            c0, s0 = c0 + npad, s0 + ng
+            keys = jax.vmap(lambda u: jax.random.fold_in(jax.random.fold_in(key, u), i))(users)
+            dec = jax.vmap(lambda cc, ss, kk: dequantize(cc, ss, kk, spec, n, jnp.dtype(dtype)))(c, s, keys)
+            out.append(dec.reshape(shape))
+        return like.treedef.unflatten(out)
+
+
+# ------------------------------------------------------------------------------------------ the chain
+
+_FILTER_ORDER = {UserSparsification: 0, DifferentialThreshold: 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class Compressor:
+    """A chain of MEDU layers: filters in MEDU's order, then one coder. Hashable and jit-static."""
+
+    layers: tuple
+
+    def __post_init__(self):
+        layers = tuple(self.layers)
+        coders = [layer for layer in layers if layer.kind == "coder"]
+        if len(coders) > 1:
+            raise ValueError(f"a chain takes at most one coder layer, got {[c.name for c in coders]}")
+        if coders and layers[-1] is not coders[0]:
+            raise ValueError("the coder layer (lattice_coding or identity) must come last in the chain")
+        filters = [layer for layer in layers if layer.kind == "filter"]
+        order = [_FILTER_ORDER[type(f)] for f in filters]
+        if order != sorted(order) or len(set(order)) != len(order):
+            raise ValueError(
+                "filter layers must appear at most once each, in MEDU's order: user_sparsification, "
+                f"then differential_threshold; got {[f.name for f in filters]}"
+            )
+        if not coders:
+            layers = layers + (Identity(),)
+        object.__setattr__(self, "layers", layers)
+
+    @property
+    def filters(self) -> tuple:
+        return self.layers[:-1]
+
+    @property
+    def coder(self):
+        return self.layers[-1]
+
+    def config(self) -> list[dict]:
+        """A JSON-able description of the layers (recorded in histories)."""
+        return [{"layer": type(layer).__name__, **dataclasses.asdict(layer)} for layer in self.layers]
+
+    @classmethod
+    def from_config(cls, config: list[dict]) -> "Compressor":
+        """Rebuilds a compressor from ``config()`` output."""
+        kinds = {c.__name__: c for c in (UserSparsification, DifferentialThreshold, Identity, LatticeCoding)}
+        layers = []
+        for item in config:
+            item = dict(item)
+            name = item.pop("layer", None)
+            if name not in kinds:
+                raise ValueError(f"unknown compressor layer {name!r} in config: expected one of {sorted(kinds)}")
+            layers.append(kinds[name](**item))
+        return cls(tuple(layers))
+
+    def init(self, template: PyTree) -> dict:
+        """Initial closed-loop state for updates shaped like ``template`` (leaves (K, ...))."""
+        check_template(template)
+        like = Like.of(template)
+        return {"like": _Static(like), "filters": tuple(f.init(like) for f in self.filters)}
+
+    def encode(self, updates: PyTree, state: dict, key: Array, active: Array | None = None):
+        """Compresses one round. Returns (message, new_state, decoded, valid, stats); jit-able."""
+        like = state["like"].value
+        k = like.num_users
+        active = jnp.ones((k,), bool) if active is None else active.astype(bool)
+        x, present, flags = updates, active, {}
+        for pos, (f, st) in enumerate(zip(self.filters, state["filters"])):
+            x, present, flags[f.name] = f.select(x, present, st, jax.random.fold_in(key, pos + 1))
+        rows, overload = self.coder.encode(x, jax.random.fold_in(key, 0), like)
+        message = Message(active, present, flags, rows)
+        decoded, valid, new_state = self.decode(message, state, key)
+        err = jax.tree.map(lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), decoded, updates)
+        stats = Stats(
+            overload,
+            jnp.where(active, tree_sq_norm(err), 0.0),
+            jnp.where(active, tree_sq_norm(updates), 0.0),
+            present,
+        )
+        return message, new_state, decoded, valid, stats
+
+    def decode(self, message: Message, state: dict, key: Array):
+        """Reconstructs one round from a stored message. Returns (decoded, valid, new_state); jit-able.
+
+        ``valid`` (K,) marks users whose decoded update should enter the aggregate; other rows are zero.
+        """
+        like = state["like"].value
+        x = self.coder.decode(message.rows, jax.random.fold_in(key, 0), like)
+        valid = message.present
+        new = list(state["filters"])
+        for pos in reversed(range(len(self.filters))):
+            f = self.filters[pos]
+            x, valid, new[pos] = f.restore(x, valid, message.flags[f.name], new[pos], message.active)
+        x = tree_where(valid, x, jax.tree.map(jnp.zeros_like, x))
+        return x, valid, {"like": state["like"], "filters": tuple(new)}
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Wraps static metadata (the update structure) so it travels inside a state pytree without leaves."""
+
+    value: Any
+
+
+def _as_compressor(layer) -> Compressor:
+    return Compressor((layer,))
+
+
+def identity() -> Compressor:
+    """The float32 baseline: every update stored uncompressed."""
+    return _as_compressor(Identity())
+
+
+def user_sparsification(
+    fraction: float | None = 0.5, count: int | None = None, mode: str = "random", missing: str = "last"
+) -> Compressor:
+    """Layer 1: keep ``count`` (or ``fraction`` x K) users per round, uniformly ("random") or by norm ("topk")."""
+    return _as_compressor(UserSparsification(fraction, count, mode, missing))
+
+
+def differential_threshold(tau: float = 0.1) -> Compressor:
+    """Layer 2: store h - r_k against a closed-loop reference, or only a flag if the relative change < tau."""
+    return _as_compressor(DifferentialThreshold(tau))
+
+
+def lattice_coding(
+    lattice: str | Lattice = "A2",
+    bits: int = 2,
+    scale: str = "maxabs",
+    clip: float | None = None,
+    group_size: int | None = None,
+) -> Compressor:
+    """Layer 3: subtractive dithered lattice codes (Z, A2, D4, E8) at ``bits`` per entry, bit-packed."""
+    return _as_compressor(LatticeCoding(lattice, bits, scale, clip, group_size))
+
+
+def chain(*compressors: Compressor) -> Compressor:
+    """Composes compressors into one, in MEDU's order (sparsify, threshold, coder)."""
+    layers = []
+    for c in compressors:
+        if not isinstance(c, Compressor):
+            raise TypeError(f"chain() takes compressors, got {type(c).__name__}")
+        layers.extend(layer for layer in c.layers if not (isinstance(layer, Identity) and len(compressors) > 1))
+    if len(layers) == 0:
+        layers = [Identity()]
+    return Compressor(tuple(layers))
+
+
+def medu(
+    fraction: float = 0.5,
+    tau: float = 0.1,
+    lattice: str = "A2",
+    bits: int = 2,
+    mode: str = "random",
+    missing: str = "last",
+    scale: str = "maxabs",
+) -> Compressor:
+    """Full MEDU: user sparsification, differential thresholding and dithered lattice coding."""
+    return chain(
+        user_sparsification(fraction, mode=mode, missing=missing),
+        differential_threshold(tau),
+        lattice_coding(lattice, bits, scale),
+    )
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def check_updates(updates: PyTree, template: PyTree, name: str = "updates") -> None:
+    """Raises a clear error if ``updates`` does not match ``template`` or holds NaN/inf (runs outside jit)."""
+    u_leaves, u_def = jax.tree_util.tree_flatten(updates)
+    t_leaves, t_def = jax.tree_util.tree_flatten(template)
+    if u_def != t_def:
+        raise ValueError(f"{name} pytree structure {u_def} does not match the expected structure {t_def}")
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]]
+    for path, u, t in zip(paths, u_leaves, t_leaves):
+        if not jnp.issubdtype(jnp.result_type(u), jnp.floating):
+            raise TypeError(f"{name}{path} has dtype {jnp.result_type(u)}: updates must be floating point")
+        if tuple(jnp.shape(u)) != tuple(jnp.shape(t)):
+            raise ValueError(f"{name}{path} has shape {tuple(jnp.shape(u))}, expected {tuple(jnp.shape(t))}")
+        bad = ~np.isfinite(np.asarray(u))
+        if bad.any():
+            users = np.unique(np.nonzero(bad.reshape(bad.shape[0], -1))[0]).tolist() if bad.ndim else []
+            raise ValueError(f"{name}{path} holds NaN or inf values (users {users})")
+
+
+def check_template(template: PyTree) -> None:
+    """Checks that a template has only floating leaves with a common leading user axis."""
+    leaves = jax.tree.leaves(template)
+    if not leaves:
+        raise ValueError("the update pytree has no leaves")
+    k = None
+    for path, leaf in jax.tree_util.tree_flatten_with_path(template)[0]:
+        where = jax.tree_util.keystr(path)
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise TypeError(f"leaf {where} has dtype {jnp.result_type(leaf)}: updates must be floating point")
+        if jnp.ndim(leaf) < 1:
+            raise ValueError(f"leaf {where} is a scalar: every leaf needs the user axis first")
+        if k is None:
+            k = jnp.shape(leaf)[0]
+        elif jnp.shape(leaf)[0] != k:
+            raise ValueError(f"leaf {where} has {jnp.shape(leaf)[0]} users on axis 0, other leaves have {k}")

@@ -1,0 +1,147 @@
+"""The server's history of compressed updates: one compact record of NumPy arrays per round.
+
+A record keeps only the payload rows of users whose row is stored (``message.present``) and bit-packs the
+per-user masks, so ``nbytes`` is what the server really pays. ``expand`` rebuilds the full, static-shaped
+``Message`` that the jitted decoder replays. Keys are never stored: the round's compressor key is derived
+from (seed, round) with ``compressor_key``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medu_jax.compressors import Compressor, Like, Message
+
+PyTree = Any
+
+COMPRESSOR_STREAM = 2  # fold_in tag of the compressor's key stream within a round
+
+
+def compressor_key(seed: int, round_index) -> jax.Array:
+    """The key of round ``round_index``'s compressor: fold_in(fold_in(key(seed), round), 2)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), round_index), COMPRESSOR_STREAM)
+
+
+def _flat_flags(flags: dict) -> dict[str, Any]:
+    return {f"{layer}/{name}": v for layer, d in sorted(flags.items()) for name, v in sorted(d.items())}
+
+
+def compact(message: Message) -> dict[str, np.ndarray]:
+    """Host-side compact record of a message: packed masks and the present users' rows only."""
+    present = np.asarray(message.present, bool)
+    record = {"active": np.packbits(np.asarray(message.active, bool)), "present": np.packbits(present)}
+    for name, v in _flat_flags(message.flags).items():
+        record[f"flag:{name}"] = np.packbits(np.asarray(v, bool))
+    for i, leaf in enumerate(jax.tree.leaves(message.rows)):
+        record[f"row:{i}"] = np.asarray(leaf)[present]
+    return record
+
+
+def record_nbytes(record: dict[str, np.ndarray]) -> int:
+    """Bytes of one compact record: the sum of its arrays' nbytes."""
+    return int(sum(a.nbytes for a in record.values()))
+
+
+@dataclasses.dataclass
+class History:
+    """Compressed update history of a federated run, plus what replay needs (w0, weights, seed).
+
+    Attributes:
+      compressor: the chain that produced the records (its config is part of the history).
+      like: structure of a round's update pytree (leaves (K, ...)).
+      seed: the run's seed; the compressor key of round t is compressor_key(seed, t).
+      params0: the initial global model w^0 (NumPy leaves).
+      weights: (K,) aggregation weights p_k before re-normalisation (e.g. data sizes).
+      server_lr: global step applied to the weighted mean of the updates.
+      records: one compact record per round.
+    """
+
+    compressor: Compressor
+    like: Like
+    seed: int
+    params0: PyTree
+    weights: np.ndarray
+    server_lr: float = 1.0
+    records: list = dataclasses.field(default_factory=list)
+
+    @property
+    def num_users(self) -> int:
+        return self.like.num_users
+
+    @property
+    def num_rounds(self) -> int:
+        return len(self.records)
+
+    @property
+    def num_params(self) -> int:
+        """Parameters per user update."""
+        return int(sum(np.prod(s[1:], dtype=np.int64) for s, _ in self.like.leaves))
+
+    def rows_like(self):
+        """Shapes/dtypes of the coder's full (K-row) payload, from an abstract evaluation."""
+        coder = self.compressor.coder
+        return jax.eval_shape(lambda x: coder.encode(x, jax.random.key(0), self.like)[0], self.like.abstract())
+
+    def append(self, message: Message) -> dict[str, np.ndarray]:
+        """Compacts and appends one round's message; returns the record."""
+        record = compact(jax.device_get(message))
+        self.records.append(record)
+        return record
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all stored records (packed codes, scales, masks, flags)."""
+        return int(sum(record_nbytes(r) for r in self.records))
+
+    @property
+    def float32_nbytes(self) -> int:
+        """Bytes of a float32 history of the same run: every active user's full update, every round."""
+        active = sum(int(np.unpackbits(r["active"])[: self.num_users].sum()) for r in self.records)
+        return active * self.num_params * 4
+
+    def expand(self, rounds: range | list[int] | None = None) -> Message:
+        """Full static-shaped messages for ``rounds`` (default all), stacked on a leading round axis."""
+        rounds = range(self.num_rounds) if rounds is None else rounds
+        k = self.num_users
+        rows_like = self.rows_like()
+        row_leaves, row_def = jax.tree_util.tree_flatten(rows_like)
+        flag_names = [n[len("flag:") :] for n in self.records[0] if n.startswith("flag:")] if self.records else []
+        act, pres, flags, rows = [], [], {n: [] for n in flag_names}, [[] for _ in row_leaves]
+        for t in rounds:
+            r = self.records[t]
+            present = np.unpackbits(r["present"])[:k].astype(bool)
+            act.append(np.unpackbits(r["active"])[:k].astype(bool))
+            pres.append(present)
+            for n in flag_names:
+                flags[n].append(np.unpackbits(r[f"flag:{n}"])[:k].astype(bool))
+            for i, sd in enumerate(row_leaves):
+                full = np.zeros(sd.shape, sd.dtype)
+                full[present] = r[f"row:{i}"]
+                rows[i].append(full)
+        nested: dict = {}
+        for n, v in flags.items():
+            layer, name = n.split("/", 1)
+            nested.setdefault(layer, {})[name] = jnp.asarray(np.stack(v))
+        return Message(
+            jnp.asarray(np.stack(act)),
+            jnp.asarray(np.stack(pres)),
+            nested,
+            row_def.unflatten([jnp.asarray(np.stack(x)) for x in rows]),
+        )
+
+    def summary(self) -> dict:
+        """Sizes in bytes and the ratio to float32 history."""
+        f32 = self.float32_nbytes
+        return {
+            "rounds": self.num_rounds,
+            "users": self.num_users,
+            "params": self.num_params,
+            "bytes": self.nbytes,
+            "float32_bytes": f32,
+            "ratio": f32 / max(self.nbytes, 1),
+        }
