@@ -19,7 +19,7 @@ import optax
 from medu_jax import attacks, compressors as C, data as D, metrics
 from medu_jax.fedavg import FedConfig, train
 from medu_jax.models import MLP
-from medu_jax.unlearn import replay, unlearn
+from medu_jax.unlearn import METHODS as UNLEARN_METHODS, finetune, replay, unlearn
 
 ATTACKS = ("backdoor", "label_flip", "scaled", "sign_flip", "none")
 DATASETS = ("digits", "mnist1d", "mnist")
@@ -50,12 +50,18 @@ class ExperimentConfig:
     lattice: str = "A2"
     bits: int = 2
     methods: tuple = ("float32", "sparsify", "threshold", "lattice", "medu")
+    unlearn_method: str = "naive"
+    tune_rounds: int = 2
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}: choose one of {DATASETS}")
         if self.dataset == "mnist" and not self.data_path:
             raise ValueError("dataset 'mnist' needs data_path (a folder of IDX files or an .npz)")
+        if self.unlearn_method not in UNLEARN_METHODS:
+            raise ValueError(f"unknown unlearn_method {self.unlearn_method!r}: choose one of {sorted(UNLEARN_METHODS)}")
+        if int(self.tune_rounds) < 0:
+            raise ValueError(f"tune_rounds must be >= 0, got {self.tune_rounds}")
         if self.attack not in ATTACKS:
             raise ValueError(f"unknown attack {self.attack!r}: choose one of {ATTACKS}")
         if not 0 <= self.num_malicious < self.num_users:
@@ -147,11 +153,12 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict[str, An
         {"method": "retrain from scratch (reference)", "bytes": 0, "ratio": float("nan"),
          **evaluate(w_retrain), "seconds": t_retrain},
     ]
+    def forget(hist):
+        w = unlearn(hist, bad, cfg.unlearn_method) if bad else replay(hist)
+        return finetune(apply_fn, tx, w, clients, fed, bad, cfg.tune_rounds)
+
     for name, hist in trained.histories.items():
-        if cfg.num_malicious:
-            w_u, t_u = _timed(unlearn, hist, bad)
-        else:
-            w_u, t_u = _timed(replay, hist)
+        w_u, t_u = _timed(forget, hist)
         s = hist.summary()
         rows.append({"method": f"history: {name}", "bytes": s["bytes"], "ratio": s["ratio"], **evaluate(w_u),
                      "seconds": t_u})

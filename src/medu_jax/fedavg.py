@@ -24,10 +24,29 @@ import optax
 
 from medu_jax.compressors import Compressor, tree_where
 from medu_jax.history import History, compressor_key
-from medu_jax.unlearn import check_user_ids, weighted_mean
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
+
+
+def weighted_mean(updates: PyTree, mask: jax.Array, weights: jax.Array) -> PyTree:
+    """Sum_k w_k m_k x_k / Sum_k w_k m_k over the user axis; zeros when no user is kept."""
+    w = weights * mask
+    total = jnp.sum(w)
+    w = jnp.where(total > 0, w / jnp.where(total > 0, total, 1.0), 0.0)
+    return jax.tree.map(lambda x: jnp.tensordot(w.astype(x.dtype), x, axes=1), updates)
+
+
+def check_user_ids(ids: Iterable[int], num_users: int, what: str = "remove") -> np.ndarray:
+    """Validates user ids (integers in [0, K)) and returns them as a sorted unique int array."""
+    ids = list(ids)
+    bad = [u for u in ids if isinstance(u, bool) or not isinstance(u, (int, np.integer))]
+    if bad:
+        raise TypeError(f"{what}: user ids must be integers, got {bad}")
+    unknown = sorted({int(u) for u in ids if not 0 <= int(u) < num_users})
+    if unknown:
+        raise ValueError(f"{what}: unknown user ids {unknown}; this history has users 0..{num_users - 1}")
+    return np.unique(np.asarray(ids, dtype=np.int64))
 
 
 class ClientData(NamedTuple):

@@ -9,6 +9,7 @@ from (seed, round) with ``compressor_key``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -25,6 +26,12 @@ COMPRESSOR_STREAM = 2  # fold_in tag of the compressor's key stream within a rou
 def compressor_key(seed: int, round_index) -> jax.Array:
     """The key of round ``round_index``'s compressor: fold_in(fold_in(key(seed), round), 2)."""
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), round_index), COMPRESSOR_STREAM)
+
+
+@functools.lru_cache(maxsize=64)
+def _rows_like(compressor: Compressor, like: Like):
+    coder = compressor.coder
+    return jax.eval_shape(lambda x: coder.encode(x, jax.random.key(0), like)[0], like.abstract())
 
 
 def _flat_flags(flags: dict) -> dict[str, Any]:
@@ -83,9 +90,8 @@ class History:
         return int(sum(np.prod(s[1:], dtype=np.int64) for s, _ in self.like.leaves))
 
     def rows_like(self):
-        """Shapes/dtypes of the coder's full (K-row) payload, from an abstract evaluation."""
-        coder = self.compressor.coder
-        return jax.eval_shape(lambda x: coder.encode(x, jax.random.key(0), self.like)[0], self.like.abstract())
+        """Shapes/dtypes of the coder's full (K-row) payload, from an abstract evaluation (cached)."""
+        return _rows_like(self.compressor, self.like)
 
     def append(self, message: Message) -> dict[str, np.ndarray]:
         """Compacts and appends one round's message; returns the record."""

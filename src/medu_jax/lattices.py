@@ -1,14 +1,17 @@
 """Lattices for dithered lattice coding: exact nearest-point search and integer basis coordinates.
 
 Each lattice is a small frozen (hashable) object, so it can be a static argument of jitted code. Points are
-arrays whose last axis is the lattice dimension; every function is vectorised over the leading axes and works
-in float32 and float64. The nearest-point algorithms are the exact ones of Conway & Sloane ("Fast quantizing
+arrays whose FIRST axis is the lattice dimension L (coordinate-major, shape (L, ...)). Internally a vector is a
+list of L same-shaped arrays: every operation then runs elementwise on long contiguous vectors, which XLA
+fuses and vectorises, instead of on a minor axis of length 2..8, which it does not.
+Every function works in float32 and float64. The nearest-point algorithms are the exact ones of Conway & Sloane ("Fast quantizing
 and decoding algorithms for lattice quantizers and codes", 1982).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -19,39 +22,48 @@ import numpy as np
 Array = jax.Array
 
 
-def _nearest_z(x: Array) -> Array:
-    return jnp.round(x)
+Coords = list  # a lattice vector as a list of L arrays of the same shape (coordinate-major)
 
 
-def _nearest_a2(x: Array) -> Array:
+def _nearest_z(x: Coords) -> Coords:
+    return [jnp.round(x[0])]
+
+
+def _nearest_a2(x: Coords) -> Coords:
     # A2 = R  union  (R + (1/2, sqrt3/2)) with R the rectangular lattice Z x sqrt3 Z.
-    r = jnp.asarray([1.0, math.sqrt(3.0)], x.dtype)
-    off = jnp.asarray([0.5, math.sqrt(3.0) / 2.0], x.dtype)
-    p0 = jnp.round(x / r) * r
-    p1 = jnp.round((x - off) / r) * r + off
-    d0 = jnp.sum((x - p0) ** 2, axis=-1, keepdims=True)
-    d1 = jnp.sum((x - p1) ** 2, axis=-1, keepdims=True)
-    return jnp.where(d1 < d0, p1, p0)
+    r3 = math.sqrt(3.0)
+    a0, b0 = jnp.round(x[0]), jnp.round(x[1] * (1 / r3)) * r3
+    a1, b1 = jnp.round(x[0] - 0.5) + 0.5, jnp.round(x[1] * (1 / r3) - 0.5) * r3 + r3 / 2
+    d0 = (x[0] - a0) ** 2 + (x[1] - b0) ** 2
+    d1 = (x[0] - a1) ** 2 + (x[1] - b1) ** 2
+    use1 = d1 < d0
+    return [jnp.where(use1, a1, a0), jnp.where(use1, b1, b0)]
 
 
-def _nearest_dn(x: Array) -> Array:
+def _nearest_dn(x: Coords) -> Coords:
     # D_n: round every coordinate; if the sum is odd, round the worst coordinate the other way.
-    f = jnp.round(x)
-    err = x - f
-    worst = jnp.argmax(jnp.abs(err), axis=-1)
-    step = jnp.where(err >= 0, 1.0, -1.0).astype(x.dtype)
-    flip = jax.nn.one_hot(worst, x.shape[-1], dtype=x.dtype) * step
-    odd = (jnp.sum(f, axis=-1, keepdims=True) % 2) != 0
-    return jnp.where(odd, f + flip, f)
+    f = [jnp.round(v) for v in x]
+    err = [v - r for v, r in zip(x, f)]
+    best, worst = jnp.abs(err[0]), jnp.zeros(err[0].shape, jnp.int32)
+    parity = f[0]
+    for i in range(1, len(x)):
+        a = jnp.abs(err[i])
+        worst = jnp.where(a > best, i, worst)
+        best = jnp.maximum(a, best)
+        parity = parity + f[i]
+    odd = jnp.remainder(parity, 2.0) != 0
+    return [jnp.where(odd & (worst == i), r + jnp.where(e >= 0, 1.0, -1.0).astype(r.dtype), r)
+            for i, (r, e) in enumerate(zip(f, err))]
 
 
-def _nearest_e8(x: Array) -> Array:
+def _nearest_e8(x: Coords) -> Coords:
     # E8 = D8  union  (D8 + 1/2).
     p0 = _nearest_dn(x)
-    p1 = _nearest_dn(x - 0.5) + 0.5
-    d0 = jnp.sum((x - p0) ** 2, axis=-1, keepdims=True)
-    d1 = jnp.sum((x - p1) ** 2, axis=-1, keepdims=True)
-    return jnp.where(d1 < d0, p1, p0)
+    p1 = [v + 0.5 for v in _nearest_dn([v - 0.5 for v in x])]
+    d0 = sum((v - p) ** 2 for v, p in zip(x, p0))
+    d1 = sum((v - p) ** 2 for v, p in zip(x, p1))
+    use1 = d1 < d0
+    return [jnp.where(use1, b, a) for a, b in zip(p0, p1)]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -62,7 +74,7 @@ class Lattice:
       name: short name ("Z", "A2", "D4", "E8").
       dim: lattice dimension L (block length of the quantizer).
       generator: (L, L) float64 NumPy array; a lattice point is ``generator @ coords`` with integer coords.
-      nearest: exact nearest-lattice-point function on arrays of shape (..., L).
+      nearest_list: exact nearest-lattice-point function on lists of L arrays (use ``nearest`` for arrays).
       second_moment: the known normalised second moment G(Lambda) (dimensionless).
       covering_radius: radius of the Voronoi cell for this scaling of the lattice.
     """
@@ -70,7 +82,7 @@ class Lattice:
     name: str
     dim: int
     generator: np.ndarray
-    nearest: Callable[[Array], Array]
+    nearest_list: Callable[[Coords], Coords]
     second_moment: float
     covering_radius: float
 
@@ -88,21 +100,32 @@ class Lattice:
         """Volume of the Voronoi (basic) cell, |det G|."""
         return float(abs(np.linalg.det(self.generator)))
 
+    def nearest(self, x: Array) -> Array:
+        """Nearest lattice point of each column of x, shape (L, ...); ties go to either nearest point."""
+        return jnp.stack(self.nearest_list(list(x)))
+
     def to_coords(self, points: Array) -> Array:
-        """Integer basis coordinates (int32) of lattice points: round(G^-1 p)."""
-        ginv = jnp.asarray(np.linalg.inv(self.generator), points.dtype)
-        return jnp.round(points @ ginv.T).astype(jnp.int32)
+        """Integer basis coordinates (int32, shape (L, ...)) of lattice points: round(G^-1 p)."""
+        return jnp.stack(self.to_coords_list(list(points)))
 
     def from_coords(self, coords: Array, dtype=jnp.float32) -> Array:
-        """Lattice points G c for integer coordinates c of shape (..., L)."""
-        g = jnp.asarray(self.generator, dtype)
-        return coords.astype(dtype) @ g.T
+        """Lattice points G c for coordinates c of shape (L, ...) (integers, or reals for the cell)."""
+        return jnp.stack(self.from_coords_list([c.astype(dtype) for c in coords]))
 
-    def uniform_cell(self, key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
-        """Samples uniform over the Voronoi cell: uniform in the fundamental parallelepiped, reduced mod Lambda."""
-        u = jax.random.uniform(key, (*shape, self.dim), dtype=dtype)
-        p = self.from_coords(u, dtype)
-        return p - self.nearest(p)
+    def to_coords_list(self, points: Coords) -> Coords:
+        return [jnp.round(v).astype(jnp.int32) for v in _matvec(np.linalg.inv(self.generator), points)]
+
+    def from_coords_list(self, coords: Coords) -> Coords:
+        return _matvec(self.generator, coords)
+
+
+def _matvec(m: np.ndarray, x: Coords) -> Coords:
+    """m @ x for a constant matrix m and a list of arrays x, unrolled (zero entries skipped)."""
+    rows = []
+    for i in range(m.shape[0]):
+        terms = [x[j] if m[i, j] == 1.0 else float(m[i, j]) * x[j] for j in range(m.shape[1]) if m[i, j] != 0.0]
+        rows.append(functools.reduce(lambda a, b: a + b, terms) if terms else jnp.zeros_like(x[0]))
+    return rows
 
 
 def _e8_generator() -> np.ndarray:

@@ -14,59 +14,91 @@ from typing import Any, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from medu_jax.compressors import Compressor, Message
+from medu_jax.fedavg import ClientData, FedConfig, check_user_ids, fed_round, weighted_mean
 from medu_jax.history import History, compressor_key
 
 PyTree = Any
 
 
-def weighted_mean(updates: PyTree, mask: jax.Array, weights: jax.Array) -> PyTree:
-    """Sum_k w_k m_k x_k / Sum_k w_k m_k over the user axis; zeros when no user is kept."""
-    w = weights * mask
-    total = jnp.sum(w)
-    w = jnp.where(total > 0, w / jnp.where(total > 0, total, 1.0), 0.0)
-    return jax.tree.map(lambda x: jnp.tensordot(w.astype(x.dtype), x, axes=1), updates)
+def lbfgs_hvp(S: jax.Array, Y: jax.Array, count: jax.Array, v: jax.Array, gamma: float = 1.0) -> jax.Array:
+    """B v for the compact L-BFGS approximation B of a Hessian built from the pairs (S[i], Y[i]).
+
+    S, Y are (m, d) with the newest pair last and the ``count`` newest pairs valid (older rows are zero);
+    Byrd, Nocedal & Schnabel (1994): B = sigma I - [sigma S; Y]^T M^-1 [sigma S; Y], with sigma = gamma y'y/s'y
+    of the newest pair (gamma < 1 shrinks the curvature assumed outside the pairs' span). Zero when count is 0.
+    """
+    m = S.shape[0]
+    ok = jnp.arange(m) >= m - count
+    s_last, y_last = S[-1], Y[-1]
+    sigma = gamma * jnp.where(count > 0, (y_last @ y_last) / jnp.where(count > 0, s_last @ y_last, 1.0), 0.0)
+    sy = S @ Y.T
+    low = jnp.tril(sy, -1)
+    top = jnp.concatenate([sigma * (S @ S.T), low], axis=1)
+    bot = jnp.concatenate([low.T, -jnp.diag(jnp.diag(sy))], axis=1)
+    mm = jnp.concatenate([top, bot], axis=0)
+    ok2 = jnp.concatenate([ok, ok])
+    mm = jnp.where(ok2[:, None] & ok2[None, :], mm, 0.0) + jnp.diag(jnp.where(ok2, 0.0, 1.0))
+    rhs = jnp.where(ok2, jnp.concatenate([sigma * (S @ v), Y @ v]), 0.0)
+    p = jnp.linalg.solve(mm, rhs)
+    bv = sigma * v - (sigma * (p[:m] @ S) + p[m:] @ Y)
+    return jnp.where(count > 0, bv, 0.0)
 
 
-def check_user_ids(ids: Iterable[int], num_users: int, what: str = "remove") -> np.ndarray:
-    """Validates user ids (integers in [0, K)) and returns them as a sorted unique int array."""
-    ids = list(ids)
-    bad = [u for u in ids if isinstance(u, bool) or not isinstance(u, (int, np.integer))]
-    if bad:
-        raise TypeError(f"{what}: user ids must be integers, got {bad}")
-    unknown = sorted({int(u) for u in ids if not 0 <= int(u) < num_users})
-    if unknown:
-        raise ValueError(f"{what}: unknown user ids {unknown}; this history has users 0..{num_users - 1}")
-    return np.unique(np.asarray(ids, dtype=np.int64))
+def _flat_users(tree: PyTree) -> jax.Array:
+    """(K, d) float32 matrix of a pytree whose leaves are (K, ...)."""
+    leaves = jax.tree.leaves(tree)
+    k = leaves[0].shape[0]
+    return jnp.concatenate([x.reshape(k, -1).astype(jnp.float32) for x in leaves], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("compressor",))
-def _replay_chunk(compressor: Compressor, params, state, messages: Message, rounds, keep, weights, seed, lr):
-    def step(carry, xs):
-        w, st = carry
+def _step_naive(carry, decoded, valid, keep, weights, lr, hyper):
+    w, extra = carry
+    agg = weighted_mean(decoded, valid & keep, weights)
+    return (jax.tree.map(lambda a, u: a + (lr * u).astype(a.dtype), w, agg), extra)
+
+
+def _step_corrected(carry, decoded, valid, keep, weights, lr, hyper):
+    """FedRecover-style step: the remaining users' mean update, corrected by an L-BFGS Jacobian estimate."""
+    w_u, (w_o, S, Y, count, prev_w, prev_g, t) = carry
+    flat_u, unravel = ravel_pytree(w_u)
+    flat = _flat_users(decoded)
+    w = weights * valid
+    g_all = weighted_mean(flat, valid, weights)
+    g_rem = weighted_mean(flat, valid & keep, weights)
+    # pair from the original trajectory: s = w^{t-1} - w^{t-2}, y = -(g_rem^t - g_rem^{t-1}) (curvature of -J)
+    s, y = w_o - prev_w, -(g_rem - prev_g)
+    good = (t > 0) & (s @ y > 1e-10 * jnp.linalg.norm(s) * jnp.linalg.norm(y)) & (jnp.sum(w * keep) > 0)
+    S = jnp.where(good, jnp.concatenate([S[1:], s[None]]), S)
+    Y = jnp.where(good, jnp.concatenate([Y[1:], y[None]]), Y)
+    count = jnp.where(good, jnp.minimum(count + 1, S.shape[0]), count)
+    g_hat = g_rem - lbfgs_hvp(S, Y, count, flat_u - w_o, hyper)
+    g_hat = jnp.where(jnp.sum(w * keep) > 0, g_hat, 0.0)
+    new_u = unravel(flat_u + lr * g_hat)
+    return (new_u, (w_o + lr * g_all, S, Y, count, w_o, g_rem, t + 1))
+
+
+@functools.partial(jax.jit, static_argnames=("compressor", "step"))
+def _replay_chunk(compressor: Compressor, step, carry, state, messages: Message, rounds, keep, weights, seed, lr, hyper):
+    def body(c, xs):
+        inner, st = c
         msg, t = xs
         decoded, valid, st = compressor.decode(msg, st, compressor_key(seed, t))
-        agg = weighted_mean(decoded, valid & keep, weights)
-        w = jax.tree.map(lambda a, u: a + (lr * u).astype(a.dtype), w, agg)
-        return (w, st), None
+        return (step(inner, decoded, valid, keep, weights, lr, hyper), st), None
 
-    (params, state), _ = jax.lax.scan(step, (params, state), (messages, rounds))
-    return params, state
+    (carry, state), _ = jax.lax.scan(body, (carry, state), (messages, rounds))
+    return carry, state
 
 
-def replay(history: History, remove: Iterable[int] = (), chunk: int | None = None) -> PyTree:
-    """The model obtained by replaying ``history`` without the users in ``remove``.
-
-    With ``remove`` empty this reconstructs the trained model from the history (up to compression error).
-    ``chunk`` bounds how many rounds of expanded codes are on the device at once (default: all rounds).
-    """
+def _replay(history: History, remove: Iterable[int], chunk: int | None, step, extra, hyper=()) -> PyTree:
     if history.num_rounds == 0:
         raise ValueError("the history holds no rounds to replay")
     k = history.num_users
     removed = check_user_ids(remove, k)
     keep = jnp.asarray(~np.isin(np.arange(k), removed))
-    params = jax.tree.map(jnp.asarray, history.params0)
+    carry = (jax.tree.map(jnp.asarray, history.params0), extra)
     state = history.compressor.init(history.like.zeros())
     weights = jnp.asarray(history.weights, jnp.float32)
     t_total = history.num_rounds
@@ -78,15 +110,71 @@ def replay(history: History, remove: Iterable[int] = (), chunk: int | None = Non
         if pad:  # pad the last chunk with inactive rounds so one compiled program serves all chunks
             msgs = jax.tree.map(lambda a: jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]), msgs)
         rounds = jnp.asarray(idx + [t_total] * pad, jnp.int32)
-        params, state = _replay_chunk(
-            history.compressor, params, state, msgs, rounds, keep, weights, history.seed, history.server_lr
+        carry, state = _replay_chunk(
+            history.compressor, step, carry, state, msgs, rounds, keep, weights, history.seed, history.server_lr,
+            hyper,
         )
-    return params
+    return carry[0]
 
 
-def unlearn(history: History, remove: Iterable[int], chunk: int | None = None) -> PyTree:
-    """Removes the users in ``remove`` from the model by replaying the history without them."""
+def replay(history: History, remove: Iterable[int] = (), chunk: int | None = None) -> PyTree:
+    """Naive replay: the model from ``history``'s stored updates without the users in ``remove``.
+
+    With ``remove`` empty this reconstructs the trained model from the history (up to compression error).
+    ``chunk`` bounds how many rounds of expanded codes are on the device at once (default: all rounds).
+    """
+    return _replay(history, remove, chunk, _step_naive, ())
+
+
+def corrected_replay(
+    history: History, remove: Iterable[int], chunk: int | None = None, memory: int = 5, gamma: float = 0.03
+) -> PyTree:
+    """Trajectory-corrected replay (FedRecover-style, server side only).
+
+    Replays the original trajectory w^t and the unlearned one w_u^t side by side; each round's remaining-user
+    mean update g is corrected to g - B (w_u - w), with B an L-BFGS estimate of minus the Jacobian of g built
+    from the last ``memory`` (step, update-change) pairs of the original trajectory. This damps the drift of
+    naive replay, whose stale updates keep pushing along the removed users' share of the gradient. ``gamma``
+    scales the curvature assumed outside the pairs' span: large values also pull the model back towards the
+    original (attacked) trajectory in directions the remaining users do not constrain (a backdoor's).
+    """
+    if memory < 1:
+        raise ValueError(f"memory must be >= 1, got {memory}")
+    d = history.num_params
+    z = jnp.zeros((d,), jnp.float32)
+    w0 = ravel_pytree(jax.tree.map(jnp.asarray, history.params0))[0].astype(jnp.float32)
+    extra = (w0, jnp.zeros((memory, d)), jnp.zeros((memory, d)), jnp.zeros((), jnp.int32), w0, z, jnp.zeros((), jnp.int32))
+    return _replay(history, remove, chunk, _step_corrected, extra, jnp.float32(gamma))
+
+
+METHODS = {"naive": replay, "corrected": corrected_replay}
+
+
+def unlearn(history: History, remove: Iterable[int], method: str = "naive", chunk: int | None = None) -> PyTree:
+    """Removes the users in ``remove`` by replaying the history without them (``method``: naive, corrected).
+
+    Server side only; follow with ``finetune`` for a few exact rounds of the remaining users if they can
+    still take part (FedRecover's final tuning), which removes what drift replay leaves.
+    """
     remove = list(remove)
     if not remove:
         raise ValueError("unlearn: the remove set is empty; use replay(history) to rebuild the trained model")
-    return replay(history, remove, chunk)
+    if method not in METHODS:
+        raise ValueError(f"unknown unlearning method {method!r}: choose one of {sorted(METHODS)}")
+    return METHODS[method](history, remove, chunk=chunk)
+
+
+def finetune(apply_fn, tx, params: PyTree, data: ClientData, cfg: FedConfig, exclude: Iterable[int], rounds: int,
+             start_round: int | None = None) -> PyTree:
+    """``rounds`` exact FedAvg rounds of the users not in ``exclude``, from ``params``.
+
+    Round keys continue after the training schedule (t = cfg.rounds, cfg.rounds + 1, ...) unless
+    ``start_round`` says otherwise, so tuning never reuses a training round's randomness.
+    """
+    k = data.num_clients
+    excl = jnp.asarray(np.isin(np.arange(k), check_user_ids(exclude, k, "exclude")))
+    ones = jnp.ones((k,), jnp.float32)
+    t0 = cfg.rounds if start_round is None else int(start_round)
+    for r in range(int(rounds)):
+        params, _, _, _ = fed_round(apply_fn, tx, cfg, params, data, t0 + r, excl, ones)
+    return params

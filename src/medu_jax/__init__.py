@@ -1,0 +1,33 @@
+"""medu_jax: memory-efficient federated unlearning (MEDU) in JAX.
+
+FedAvg keeps a lossy-compressed history of every user's updates (user sparsification, differential
+thresholding, dithered lattice coding); unlearning replays that history without the removed users.
+"""
+
+from medu_jax.compressors import (
+    Compressor,
+    Message,
+    Stats,
+    chain,
+    check_updates,
+    differential_threshold,
+    identity,
+    lattice_coding,
+    medu,
+    user_sparsification,
+)
+from medu_jax.dither import QuantizerSpec, dequantize, quantize
+from medu_jax.fedavg import ClientData, FedConfig, fed_round, train
+from medu_jax.history import History, compressor_key
+from medu_jax.lattices import A2, D4, E8, Z, Lattice, get_lattice
+from medu_jax.packing import pack_bits, unpack_bits
+from medu_jax.unlearn import corrected_replay, finetune, replay, unlearn
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "A2", "ClientData", "Compressor", "D4", "E8", "FedConfig", "History", "Lattice", "Message", "QuantizerSpec",
+    "Stats", "Z", "chain", "check_updates", "compressor_key", "corrected_replay", "dequantize",
+    "differential_threshold", "fed_round", "finetune", "get_lattice", "identity", "lattice_coding", "medu",
+    "pack_bits", "quantize", "replay", "train", "unlearn", "unpack_bits", "user_sparsification",
+]

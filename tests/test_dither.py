@@ -1,0 +1,165 @@
+"""Statistical and property tests of the subtractive dithered lattice quantizer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from medu_jax.dither import QuantizerSpec, dequantize, dither, quantize, uniform01
+from medu_jax.lattices import A2, D4, E8, Z
+
+ALL = ["Z", "A2", "D4", "E8"]
+
+
+def roundtrip(x, key, spec):
+    q = jax.jit(quantize, static_argnums=2)(x, key, spec)
+    xh = jax.jit(dequantize, static_argnums=(3, 4, 5))(q.codes, q.scales, key, spec, x.shape[0], x.dtype)
+    return q, xh
+
+
+def error_stats(x, e, step):
+    """Mean, variance, corr(e, x) and corr(e, frac(x/step)) -- the last is what a missing dither violates."""
+    frac = x / step - np.round(x / step)
+    return np.mean(e), np.var(e), np.corrcoef(e, x)[0, 1], np.corrcoef(e, frac)[0, 1]
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("bits", [2, 4])
+def test_error_is_zero_mean_uncorrelated_with_predicted_variance(name, bits):
+    n = 120_000
+    spec = QuantizerSpec(name, bits, scale="rms", clip=16.0)  # wide codebook: no overload in this test
+    x = jax.random.normal(jax.random.key(0), (n,)) * 3.0
+    q, xh = roundtrip(x, jax.random.key(42), spec)
+    assert int(q.overload) == 0
+    s = float(q.scales[0])
+    e = np.asarray(xh - x, np.float64) / s
+    mean, var, c_x, c_frac = error_stats(np.asarray(x, np.float64) / s, e, spec.step)
+    sd = np.sqrt(spec.error_variance())
+    assert abs(mean) < 5 * sd / np.sqrt(n)
+    assert abs(var / spec.error_variance() - 1) < 0.03
+    assert abs(c_x) < 5 / np.sqrt(n) and abs(c_frac) < 5 / np.sqrt(n)
+
+
+def test_statistics_detect_a_missing_or_wrong_dither():
+    # the same statistics flag an undithered quantizer (error a function of x) and a decoder using another key.
+    n = 120_000
+    spec = QuantizerSpec("Z", 4, scale="rms", clip=16.0)
+    x = np.asarray(jax.random.normal(jax.random.key(0), (n,)), np.float64) * 3.0
+    s = np.sqrt(np.mean(x**2))
+    u = x / s
+    e_nodither = (np.round(u / spec.step) - u / spec.step) * spec.step
+    assert abs(error_stats(u, e_nodither, spec.step)[3]) > 0.5
+    q = quantize(jnp.asarray(x, jnp.float32), jax.random.key(1), spec)
+    xh = dequantize(q.codes, q.scales, jax.random.key(2), spec, n)
+    e_wrong = (np.asarray(xh, np.float64) - x) / s
+    assert np.var(e_wrong) > 1.5 * spec.error_variance()  # an independent dither adds its own variance
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_error_is_uniform_over_the_voronoi_cell(name):
+    spec = QuantizerSpec(name, 3, scale="rms", clip=16.0)
+    lat = spec.lattice
+    n = 96_000
+    x = jax.random.normal(jax.random.key(3), (n,))
+    q, xh = roundtrip(x, jax.random.key(4), spec)
+    assert int(q.overload) == 0
+    s = float(q.scales[0])
+    # blocks are strided: block j holds entries j, j + B, ...; error in lattice units, shape (L, B)
+    e = np.asarray(xh - x, np.float64).reshape(lat.dim, -1) / (s * spec.step)
+    # inside the Voronoi cell: its nearest lattice point is 0
+    assert np.all(np.asarray(lat.nearest(jnp.asarray(e, jnp.float32))) == 0)
+    # uniform over the cell <=> its basis coordinates mod 1 are uniform on the unit cube
+    frac = np.mod(np.linalg.solve(lat.generator, e), 1.0)
+    for coord in frac:
+        hist, _ = np.histogram(coord, bins=20, range=(0, 1))
+        expected = coord.size / 20
+        chi2 = np.sum((hist - expected) ** 2 / expected)
+        assert chi2 < 50, chi2  # 19 degrees of freedom: p < 1e-4 beyond 50
+    if lat.dim == 2:
+        hist, _, _ = np.histogram2d(frac[0], frac[1], bins=8, range=[[0, 1], [0, 1]])
+        expected = frac.shape[1] / 64
+        assert np.sum((hist - expected) ** 2 / expected) < 120  # 63 dof
+
+
+def test_dither_is_deterministic_and_key_dependent():
+    spec = QuantizerSpec("E8", 2)
+    a, b = dither(jax.random.key(5), spec, 1000), dither(jax.random.key(5), spec, 1000)
+    c = dither(jax.random.fold_in(jax.random.key(5), 1), spec, 1000)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    u = np.asarray(uniform01(jax.random.key(0), 200_000))
+    assert u.min() >= 0 and u.max() < 1 and abs(u.mean() - 0.5) < 0.003 and abs(u.var() - 1 / 12) < 0.001
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_same_key_same_bits_and_jit_equals_eager(name):
+    spec = QuantizerSpec(name, 3)
+    x = jax.random.normal(jax.random.key(0), (1001,))
+    q1 = quantize(x, jax.random.key(9), spec)
+    q2 = jax.jit(quantize, static_argnums=2)(x, jax.random.key(9), spec)
+    q3 = quantize(x, jax.random.key(10), spec)
+    assert np.array_equal(q1.codes, q2.codes) and np.array_equal(q1.scales, q2.scales)
+    assert not np.array_equal(q1.codes, q3.codes)
+    assert int(q1.codes.max()) < 2**3
+
+
+@pytest.mark.parametrize("name", ALL)
+@settings(max_examples=10)  # each new (n, bits, group, scale) compiles a program
+@given(
+    n=st.integers(1, 700),
+    bits=st.integers(1, 8),
+    magnitude=st.sampled_from([0.0, 1e-30, 1e-3, 1.0, 1e4, 1e30]),
+    group=st.sampled_from([None, 8, 64]),
+    scale=st.sampled_from(["maxabs", "rms"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_property_error_bounded_per_block_except_overload(name, n, bits, magnitude, group, scale, seed):
+    spec = QuantizerSpec(name, bits, scale=scale, group_size=group)
+    lat = spec.lattice
+    x = jax.random.normal(jax.random.key(seed), (n,)) * magnitude
+    q, xh = roundtrip(x, jax.random.key(seed + 1), spec)
+    g, ng, npad = spec.layout(n)
+    assert q.codes.shape == (npad,) and q.scales.shape == (ng,)
+    assert np.all(np.isfinite(np.asarray(xh))) and xh.shape == (n,) and xh.dtype == x.dtype
+    if magnitude == 0.0:
+        assert np.all(np.asarray(xh) == 0)
+        return
+    # per block: ||error / scale|| <= covering radius * step, unless the block overloaded. Blocks are strided
+    # over the padded vector: block j holds entries j, j + B, ..., j + (L - 1) B.
+    err = np.zeros(npad)
+    err[:n] = np.asarray(xh, np.float64) - np.asarray(x, np.float64)
+    s = np.repeat(np.asarray(q.scales, np.float64), g)
+    err_units = (err / np.where(s > 0, s, 1)).reshape(lat.dim, -1)
+    block_norm = np.linalg.norm(err_units, axis=0) / spec.step
+    assert np.sum(block_norm > lat.covering_radius * (1 + 1e-3) + 1e-3) <= int(q.overload)
+
+
+def test_float64_and_low_precision_leaves():
+    spec = QuantizerSpec("D4", 6)
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(0), (300,), jnp.float64)
+        q, xh = roundtrip(x, jax.random.key(1), spec)
+        assert xh.dtype == jnp.float64
+        assert np.max(np.abs(np.asarray(xh - x))) < 4 * spec.step * float(q.scales[0])
+    xb = jax.random.normal(jax.random.key(0), (300,)).astype(jnp.bfloat16)
+    q = quantize(xb, jax.random.key(1), spec)
+    xh = dequantize(q.codes, q.scales, jax.random.key(1), spec, 300, jnp.bfloat16)
+    assert xh.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lattice="Q9"), "unknown lattice"),
+        (dict(lattice="A2", bits=0), "bits must be"),
+        (dict(lattice="A2", bits=33), "bits must be"),
+        (dict(lattice="A2", scale="median"), "unknown scale mode"),
+        (dict(lattice="A2", clip=-1.0), "clip must be positive"),
+        (dict(lattice="A2", ladder=(0.5, 0.0)), "ladder must start"),
+        (dict(lattice="A2", group_size=0), "group_size"),
+    ],
+)
+def test_bad_quantizer_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QuantizerSpec(**kwargs)
