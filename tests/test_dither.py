@@ -119,8 +119,9 @@ def test_property_error_bounded_per_block_except_overload(name, n, bits, magnitu
     lat = spec.lattice
     x = jax.random.normal(jax.random.key(seed), (n,)) * magnitude
     q, xh = roundtrip(x, jax.random.key(seed + 1), spec)
-    g, ng, npad = spec.layout(n)
-    assert q.codes.shape == (npad,) and q.scales.shape == (ng,)
+    layout = spec.layout(n)
+    npad = layout.padded
+    assert q.codes.shape == (npad,) and q.scales.shape == (layout.num_groups,)
     assert np.all(np.isfinite(np.asarray(xh))) and xh.shape == (n,) and xh.dtype == x.dtype
     if magnitude == 0.0:
         assert np.all(np.asarray(xh) == 0)
@@ -129,7 +130,7 @@ def test_property_error_bounded_per_block_except_overload(name, n, bits, magnitu
     # over the padded vector: block j holds entries j, j + B, ..., j + (L - 1) B.
     err = np.zeros(npad)
     err[:n] = np.asarray(xh, np.float64) - np.asarray(x, np.float64)
-    s = np.repeat(np.asarray(q.scales, np.float64), g)
+    s = np.asarray(q.scales, np.float64)[layout.seg_ids]
     err_units = (err / np.where(s > 0, s, 1)).reshape(lat.dim, -1)
     block_norm = np.linalg.norm(err_units, axis=0) / spec.step
     assert np.sum(block_norm > lat.covering_radius * (1 + 1e-3) + 1e-3) <= int(q.overload)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medu_jax.dither import QuantizerSpec, dequantize, quantize
+from medu_jax.dither import QuantizerSpec, _compute_dtype, dequantize_padded, quantize_padded
 from medu_jax.lattices import Lattice
 from medu_jax.packing import pack_bits, unpack_bits
 
@@ -211,9 +211,10 @@ class Identity:
 
 @dataclasses.dataclass(frozen=True)
 class LatticeCoding:
-    """Dithered lattice codes at ``bits`` per entry, all leaves of a user packed into one uint32 array.
+    """Dithered lattice codes at ``bits`` per entry; a user's leaves are concatenated, coded and packed as one.
 
-    The dither of user k, leaf i is drawn from fold_in(fold_in(key, k), i): derived, never stored.
+    Scales: one per leaf (or per ``group_size`` entries of a leaf). The dither of user k is drawn from
+    fold_in(key, k) with a counter over the user's concatenated entries: derived, never stored.
     """
 
     lattice: str | Lattice = "A2"
@@ -233,40 +234,33 @@ class LatticeCoding:
     def spec(self) -> QuantizerSpec:
         return QuantizerSpec(self.lattice, self.bits, self.scale, self.clip, self.group_size)
 
-    def _sizes(self, like: Like):
-        sizes = [int(np.prod(s[1:], dtype=np.int64)) for s, _ in like.leaves]
-        return sizes, [self.spec.layout(n) for n in sizes]
+    def layout(self, like: Like):
+        return self.spec.layout(tuple(int(np.prod(s[1:], dtype=np.int64)) for s, _ in like.leaves))
+
+    @staticmethod
+    def _dtype(like: Like):
+        return _compute_dtype(jnp.result_type(*[d for _, d in like.leaves]))
 
     def encode(self, x, key, like: Like):
-        spec = self.spec
+        spec, layout, cdt = self.spec, self.layout(like), self._dtype(like)
         leaves = jax.tree.leaves(x)
         k = leaves[0].shape[0]
-        users = jnp.arange(k)
-        codes, scales, over = [], [], jnp.zeros((), jnp.int32)
-        for i, leaf in enumerate(leaves):
-            flat = leaf.reshape(k, -1)
-            keys = jax.vmap(lambda u: jax.random.fold_in(jax.random.fold_in(key, u), i))(users)
-            q = jax.vmap(lambda v, kk: quantize(v, kk, spec))(flat, keys)
-            codes.append(q.codes)
-            scales.append(q.scales)
-            over = over + jnp.sum(q.overload)
-        words = pack_bits(jnp.concatenate(codes, axis=1), spec.bits)
-        return {"words": words, "scales": jnp.concatenate(scales, axis=1)}, over
+        flat = jnp.concatenate([leaf.reshape(k, -1).astype(cdt) for leaf in leaves], axis=1)
+        flat = jnp.pad(flat, ((0, 0), (0, layout.padded - layout.size)))
+        keys = jax.vmap(lambda u: jax.random.fold_in(key, u))(jnp.arange(k))
+        q = jax.vmap(lambda v, kk: quantize_padded(v, kk, spec, layout))(flat, keys)
+        return {"words": pack_bits(q.codes, spec.bits), "scales": q.scales}, jnp.sum(q.overload)
 
     def decode(self, rows, key, like: Like):
-        spec = self.spec
-        sizes, layouts = self._sizes(like)
-        total = sum(lay[2] for lay in layouts)
-        codes = unpack_bits(rows["words"], spec.bits, total)
+        spec, layout, cdt = self.spec, self.layout(like), self._dtype(like)
+        codes = unpack_bits(rows["words"], spec.bits, layout.padded)
         k = codes.shape[0]
-        users = jnp.arange(k)
-        out, c0, s0 = [], 0, 0
-        for i, ((shape, dtype), n, (_, ng, npad)) in enumerate(zip(like.leaves, sizes, layouts)):
-            c, s = codes[:, c0 : c0 + npad], rows["scales"][:, s0 : s0 + ng]
-            c0, s0 = c0 + npad, s0 + ng
-            keys = jax.vmap(lambda u: jax.random.fold_in(jax.random.fold_in(key, u), i))(users)
-            dec = jax.vmap(lambda cc, ss, kk: dequantize(cc, ss, kk, spec, n, jnp.dtype(dtype)))(c, s, keys)
-            out.append(dec.reshape(shape))
+        keys = jax.vmap(lambda u: jax.random.fold_in(key, u))(jnp.arange(k))
+        flat = jax.vmap(lambda c, s, kk: dequantize_padded(c, s, kk, spec, layout, cdt))(codes, rows["scales"], keys)
+        out, start = [], 0
+        for (shape, dtype), n in zip(like.leaves, layout.sizes):
+            out.append(flat[:, start : start + n].reshape(shape).astype(dtype))
+            start += n
         return like.treedef.unflatten(out)
 
 
@@ -412,7 +406,9 @@ def chain(*compressors: Compressor) -> Compressor:
     for c in compressors:
         if not isinstance(c, Compressor):
             raise TypeError(f"chain() takes compressors, got {type(c).__name__}")
-        layers.extend(layer for layer in c.layers if not (isinstance(layer, Identity) and len(compressors) > 1))
+        # a filter's compressor carries an implicit identity coder; drop it so the chain's own coder follows
+        implicit = len(c.layers) > 1 and isinstance(c.layers[-1], Identity)
+        layers.extend(c.layers[:-1] if implicit else c.layers)
     if len(layers) == 0:
         layers = [Identity()]
     return Compressor(tuple(layers))

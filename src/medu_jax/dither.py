@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from medu_jax.lattices import Lattice, get_lattice
 from medu_jax.packing import check_bits
@@ -72,18 +73,58 @@ class QuantizerSpec:
         lat = self.lattice
         return 2.0 * self.clip / (2**self.bits * lat.volume ** (1.0 / lat.dim))
 
-    def layout(self, n: int) -> tuple[int, int, int]:
-        """(group length, number of groups, padded length) for a vector of n entries."""
-        L = self.lattice.dim
-        g = max(n, 1) if self.group_size is None else int(self.group_size)
-        g = -(-g // L) * L
-        ng = -(-max(n, 1) // g)
-        return g, ng, g * ng
+    def layout(self, sizes: int | tuple[int, ...]) -> "Layout":
+        """Scale groups and padding for a vector of ``sizes`` entries (or for leaves of those sizes, concatenated)."""
+        return Layout(tuple(int(n) for n in np.atleast_1d(sizes)), self.group_size, self.lattice.dim)
 
     def error_variance(self) -> float:
         """Per-entry variance of the quantization error in units of s**2 (no overload): G V^(2/L) step^2."""
         lat = self.lattice
         return lat.second_moment * lat.volume ** (2.0 / lat.dim) * self.step**2
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a flat vector, made of segments (leaves) of ``sizes`` entries, is cut into scale groups and blocks.
+
+    Each segment is cut into groups of ``group`` entries (one group per segment when None); the vector is
+    zero-padded at the end to a multiple of L. ``seg_ids`` maps every padded entry to its group.
+    """
+
+    sizes: tuple[int, ...]
+    group: int | None
+    L: int
+
+    @functools.cached_property
+    def groups_per_segment(self) -> tuple[int, ...]:
+        return tuple(1 if self.group is None else max(1, -(-n // self.group)) for n in self.sizes)
+
+    @property
+    def num_groups(self) -> int:
+        return sum(self.groups_per_segment)
+
+    @property
+    def size(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def padded(self) -> int:
+        return max(-(-self.size // self.L) * self.L, self.L)
+
+    @functools.cached_property
+    def seg_ids(self) -> np.ndarray:
+        ids, base = [], 0
+        for n, ng in zip(self.sizes, self.groups_per_segment):
+            g = n if self.group is None else self.group
+            ids.append(base + np.minimum(np.arange(n) // max(g, 1), ng - 1))
+            base += ng
+        ids.append(np.full(self.padded - self.size, max(base - 1, 0)))
+        return np.concatenate(ids).astype(np.int32)
+
+    @functools.cached_property
+    def counts(self) -> np.ndarray:
+        """Real entries per group (at least 1)."""
+        return np.maximum(np.bincount(self.seg_ids[: self.size], minlength=self.num_groups), 1)
 
 
 class Quantized(NamedTuple):
@@ -116,14 +157,13 @@ def uniform01(key: Array, n: int, dtype=jnp.float32) -> Array:
     return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
 
 
-def dither(key: Array, spec: QuantizerSpec, n: int, dtype=jnp.float32) -> list:
-    """The dither for a vector of n entries, L arrays of (blocks,): G (u - 1/2) with u uniform on [0, 1)^L.
+def dither(key: Array, spec: QuantizerSpec, npad: int, dtype=jnp.float32) -> list:
+    """The dither for npad entries (a multiple of L), L arrays of (blocks,): G (u - 1/2), u uniform on [0, 1)^L.
 
     That is uniform over a centred fundamental parallelepiped, a basic cell of the lattice; subtractive dithering
     needs no more (z mod Lambda is then uniform on the torus, so the error is uniform over the Voronoi cell),
     and it saves the nearest-point reduction of a Voronoi-cell dither on both sides.
     """
-    _, _, npad = spec.layout(n)
     u = uniform01(key, npad, dtype).reshape(spec.lattice.dim, -1) - 0.5
     return spec.lattice.from_coords_list(list(u))
 
@@ -134,15 +174,15 @@ def _wrap(points: list, lat: Lattice, bits: int) -> list:
     return [p - m * q for p, q in zip(points, lat.nearest_list([p * (1.0 / m) for p in points]))]
 
 
-def _scales(x: Array, spec: QuantizerSpec, n: int) -> tuple[Array, Array]:
-    g, ng, npad = spec.layout(n)
-    xg = jnp.pad(x, (0, npad - n)).reshape(ng, g)
-    s = jnp.max(jnp.abs(xg), axis=1)
-    if spec.scale == "rms":  # computed as max * rms(x / max), so huge values do not overflow
-        count = jnp.clip(n - g * jnp.arange(ng), 1, g).astype(x.dtype)  # real (unpadded) entries per group
-        r = xg / jnp.where(s > 0, s, 1.0)[:, None]
-        s = s * jnp.sqrt(jnp.sum(r * r, axis=1) / count)
-    return xg, s.astype(jnp.float32)
+def group_scales(x: Array, layout: Layout, mode: str) -> Array:
+    """Per-group scales (float32) of a padded vector: max |x|, or RMS computed as max * rms(x / max)."""
+    seg = jnp.asarray(layout.seg_ids)
+    s = jax.ops.segment_max(jnp.abs(x), seg, layout.num_groups, indices_are_sorted=True)
+    if mode == "rms":  # so huge values do not overflow
+        r = x / jnp.where(s > 0, s, 1.0)[seg]
+        ssq = jax.ops.segment_sum(r * r, seg, layout.num_groups, indices_are_sorted=True)
+        s = s * jnp.sqrt(ssq / jnp.asarray(layout.counts, x.dtype))
+    return s.astype(jnp.float32)
 
 
 def _blocks(v: Array, L: int) -> list:
@@ -151,21 +191,16 @@ def _blocks(v: Array, L: int) -> list:
     return list(v.reshape(L, -1))
 
 
-def quantize(x: Array, key: Array, spec: QuantizerSpec) -> Quantized:
-    """Encodes a 1-D vector (float32/float64) into R-bit codes with the dither derived from ``key``."""
-    n = x.shape[0]
-    lat, L = spec.lattice, spec.lattice.dim
-    cdt = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
-    x = x.astype(cdt)
-    xg, s = _scales(x, spec, n)
-    s_c = s.astype(cdt)
-    safe = jnp.where(s_c > 0, s_c, 1.0)
-    u = _blocks((xg * (1.0 / spec.step / safe)[:, None]).reshape(-1), L)
-    z = dither(key, spec, n, cdt)
+def encode_normalized(u: Array, key: Array, spec: QuantizerSpec) -> tuple[Array, Array]:
+    """Codes (uint32, same length) and overload count of u = x / (step * scale), padded to a multiple of L."""
+    lat = spec.lattice
+    cdt = u.dtype
+    ub = _blocks(u, lat.dim)
+    z = dither(key, spec, u.shape[0], cdt)
     m = 2**spec.bits
     code, found, overload = None, None, jnp.zeros((), jnp.int32)
     for alpha in spec.ladder:  # try shrink factors in order; keep the first that fits
-        cq = lat.to_coords_list(lat.nearest_list([a * alpha + b for a, b in zip(u, z)]))
+        cq = lat.to_coords_list(lat.nearest_list([a * alpha + b for a, b in zip(ub, z)]))
         c = [jnp.remainder(v, m) for v in cq]
         back = lat.to_coords_list(_wrap(lat.from_coords_list([v.astype(cdt) for v in c]), lat, spec.bits))
         fits = functools.reduce(jnp.logical_and, [a == b for a, b in zip(back, cq)])
@@ -177,15 +212,45 @@ def quantize(x: Array, key: Array, spec: QuantizerSpec) -> Quantized:
             code = [jnp.where(take, a, b) for a, b in zip(c, code)]
             found = found | fits
     code = [jnp.where(found, v, 0) for v in code]  # code 0 (the point 0) always decodes exactly
-    return Quantized(jnp.concatenate(code).astype(jnp.uint32), s, overload)
+    return jnp.concatenate(code).astype(jnp.uint32), overload
+
+
+def decode_normalized(codes: Array, key: Array, spec: QuantizerSpec, dtype=jnp.float32) -> Array:
+    """(Q - z) * step for codes of a padded vector: the reconstruction in units of the group scales."""
+    lat = spec.lattice
+    p = _wrap(lat.from_coords_list([c.astype(dtype) for c in _blocks(codes.astype(jnp.int32), lat.dim)]), lat,
+              spec.bits)
+    z = dither(key, spec, codes.shape[0], dtype)
+    return jnp.concatenate([(a - b) * spec.step for a, b in zip(p, z)])
+
+
+def _compute_dtype(dtype) -> jnp.dtype:
+    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
+
+
+def quantize_padded(x: Array, key: Array, spec: QuantizerSpec, layout: Layout) -> Quantized:
+    """Encodes a vector already zero-padded to ``layout.padded`` entries."""
+    s = group_scales(x, layout, spec.scale)
+    safe = jnp.where(s > 0, s, 1.0).astype(x.dtype)
+    u = x * ((1.0 / spec.step) / safe)[jnp.asarray(layout.seg_ids)]
+    codes, overload = encode_normalized(u, key, spec)
+    return Quantized(codes, s, overload)
+
+
+def dequantize_padded(codes: Array, scales: Array, key: Array, spec: QuantizerSpec, layout: Layout, dtype) -> Array:
+    """Decodes a padded vector (``layout.padded`` entries) in the compute dtype."""
+    u = decode_normalized(codes, key, spec, dtype)
+    return u * scales.astype(dtype)[jnp.asarray(layout.seg_ids)]
+
+
+def quantize(x: Array, key: Array, spec: QuantizerSpec) -> Quantized:
+    """Encodes a 1-D vector (any float dtype) into R-bit codes with the dither derived from ``key``."""
+    layout = spec.layout(x.shape[0])
+    cdt = _compute_dtype(x.dtype)
+    return quantize_padded(jnp.pad(x.astype(cdt), (0, layout.padded - layout.size)), key, spec, layout)
 
 
 def dequantize(codes: Array, scales: Array, key: Array, spec: QuantizerSpec, n: int, dtype=jnp.float32) -> Array:
     """Decodes codes (padded length,) and scales into a vector of n entries of ``dtype``."""
-    lat, L = spec.lattice, spec.lattice.dim
-    cdt = jnp.float64 if dtype == jnp.float64 else jnp.float32
-    g, ng, npad = spec.layout(n)
-    p = _wrap(lat.from_coords_list([c.astype(cdt) for c in _blocks(codes.astype(jnp.int32), L)]), lat, spec.bits)
-    z = dither(key, spec, n, cdt)
-    u = jnp.concatenate([(a - b) * spec.step for a, b in zip(p, z)]).reshape(ng, g)
-    return (u * scales.astype(cdt)[:, None]).reshape(-1)[:n].astype(dtype)
+    layout = spec.layout(n)
+    return dequantize_padded(codes, scales, key, spec, layout, _compute_dtype(dtype))[:n].astype(dtype)
