@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import Phase, given, settings, strategies as st
 
 import medu_jax as mj
 from medu_jax.compressors import Compressor, Like, check_template
@@ -160,22 +160,25 @@ def test_inactive_users_are_never_stored():
     assert record_nbytes(compact(msg)) < record_nbytes(compact(comp.encode(x, comp.init(x), jax.random.key(0))[0]))
 
 
-@settings(max_examples=8)
+@settings(max_examples=8, phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no shrinking: each shape recompiles
 @given(
-    sizes=st.lists(st.integers(1, 97), min_size=1, max_size=4),
+    sizes=st.lists(st.sampled_from([1, 2, 3, 7, 33, 97]), min_size=1, max_size=4),
     k=st.integers(1, 5),
-    magnitude=st.sampled_from([0.0, 1e-20, 1.0, 1e20]),
+    magnitude=st.sampled_from(["zero", "tiny", "one", "huge"]),
     dtype=st.sampled_from(["float32", "bfloat16", "float16"]),
 )
 def test_property_odd_pytrees_round_trip(sizes, k, magnitude, dtype):
-    x = {f"l{i}": (jax.random.normal(jax.random.key(i), (k, n)) * magnitude).astype(dtype) for i, n in enumerate(sizes)}
+    # "huge" is the largest magnitude that stays finite in the leaf dtype (a 6-sigma normal draw still fits).
+    scale = {"zero": 0.0, "tiny": 1e-20, "one": 1.0, "huge": float(jnp.finfo(dtype).max) / 8}[magnitude]
+    x = {f"l{i}": (jax.random.normal(jax.random.key(i), (k, n)) * scale).astype(dtype) for i, n in enumerate(sizes)}
+    assert all(np.all(np.isfinite(np.asarray(a, np.float32))) for a in x.values())
     comp = mj.medu(0.6, 0.2, "D4", 4)
     msg, state, dec, valid, stats = jax.jit(comp.encode)(x, comp.init(x), jax.random.key(3))
     assert jax.tree.structure(dec) == jax.tree.structure(x)
     for a, b in zip(jax.tree.leaves(dec), jax.tree.leaves(x)):
         assert a.shape == b.shape and a.dtype == b.dtype
         assert np.all(np.isfinite(np.asarray(a, np.float32)))
-    if magnitude == 0.0:
+    if magnitude == "zero":
         assert all(np.all(np.asarray(a) == 0) for a in jax.tree.leaves(dec))
     rec = compact(msg)
     assert record_nbytes(rec) == sum(a.nbytes for a in rec.values())
