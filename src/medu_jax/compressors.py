@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medu_jax.dither import QuantizerSpec, _compute_dtype, dequantize_padded, quantize_padded
+from medu_jax.dither import QuantizerSpec, _compute_dtype, dequantize_segments, quantize_segments
 from medu_jax.lattices import Lattice
 from medu_jax.packing import pack_bits, unpack_bits
 
@@ -41,7 +41,8 @@ class Message(NamedTuple):
     active: (K,) bool, users whose update entered the compressor this round (participating, finite).
     present: (K,) bool, users whose payload row is stored; rows of other users are never stored.
     flags: {layer name: {flag: (K,) bool}} written by the filter layers.
-    rows: the coder's payload, a pytree whose leaves all have the user axis first.
+    rows: the coder's payload, a pytree whose leaves have a slot axis first (``Compressor.capacity`` rows):
+      slot j holds the j-th present user's row, later slots are unused (and never stored).
     """
 
     active: Array
@@ -201,11 +202,11 @@ class Identity:
     name: str = "identity"
     kind = "coder"
 
-    def encode(self, x, key, like: Like):
+    def encode(self, x, key, like: Like, users: Array):
         rows = {"values": [leaf.astype(jnp.float32) for leaf in jax.tree.leaves(x)]}
         return rows, jnp.zeros((), jnp.int32)
 
-    def decode(self, rows, key, like: Like):
+    def decode(self, rows, key, like: Like, users: Array):
         return like.treedef.unflatten([v.astype(d) for v, (_, d) in zip(rows["values"], like.leaves)])
 
 
@@ -241,27 +242,24 @@ class LatticeCoding:
     def _dtype(like: Like):
         return _compute_dtype(jnp.result_type(*[d for _, d in like.leaves]))
 
-    def encode(self, x, key, like: Like):
+    def encode(self, x, key, like: Like, users: Array):
         spec, layout, cdt = self.spec, self.layout(like), self._dtype(like)
         leaves = jax.tree.leaves(x)
         k = leaves[0].shape[0]
-        flat = jnp.concatenate([leaf.reshape(k, -1).astype(cdt) for leaf in leaves], axis=1)
-        flat = jnp.pad(flat, ((0, 0), (0, layout.padded - layout.size)))
-        keys = jax.vmap(lambda u: jax.random.fold_in(key, u))(jnp.arange(k))
-        q = jax.vmap(lambda v, kk: quantize_padded(v, kk, spec, layout))(flat, keys)
+        keys = jax.vmap(lambda u: jax.random.fold_in(key, u))(users)
+        flat = [leaf.reshape(k, -1).astype(cdt) for leaf in leaves]
+        q = jax.vmap(lambda xs, kk: quantize_segments(xs, kk, spec, layout))(flat, keys)
         return {"words": pack_bits(q.codes, spec.bits), "scales": q.scales}, jnp.sum(q.overload)
 
-    def decode(self, rows, key, like: Like):
+    def decode(self, rows, key, like: Like, users: Array):
         spec, layout, cdt = self.spec, self.layout(like), self._dtype(like)
         codes = unpack_bits(rows["words"], spec.bits, layout.padded)
-        k = codes.shape[0]
-        keys = jax.vmap(lambda u: jax.random.fold_in(key, u))(jnp.arange(k))
-        flat = jax.vmap(lambda c, s, kk: dequantize_padded(c, s, kk, spec, layout, cdt))(codes, rows["scales"], keys)
-        out, start = [], 0
-        for (shape, dtype), n in zip(like.leaves, layout.sizes):
-            out.append(flat[:, start : start + n].reshape(shape).astype(dtype))
-            start += n
-        return like.treedef.unflatten(out)
+        keys = jax.vmap(lambda u: jax.random.fold_in(key, u))(users)
+        parts = jax.vmap(lambda c, s, kk: dequantize_segments(c, s, kk, spec, layout, cdt))(codes, rows["scales"], keys)
+        n = users.shape[0]
+        return like.treedef.unflatten(
+            [p.reshape((n, *shape[1:])).astype(dtype) for p, (shape, dtype) in zip(parts, like.leaves)]
+        )
 
 
 # ------------------------------------------------------------------------------------------ the chain
@@ -301,6 +299,16 @@ class Compressor:
     def coder(self):
         return self.layers[-1]
 
+    def capacity(self, num_users: int) -> int:
+        """Payload rows per round: at most as many users as user sparsification keeps (else all K)."""
+        kept = [f.num_kept(num_users) for f in self.filters if isinstance(f, UserSparsification)]
+        return min(kept, default=num_users)
+
+    def slots(self, present: Array) -> Array:
+        """(capacity,) user ids of the payload rows: the present users in increasing order, then K (unused)."""
+        k = present.shape[0]
+        return jnp.nonzero(present, size=self.capacity(k), fill_value=k)[0].astype(jnp.int32)
+
     def config(self) -> list[dict]:
         """A JSON-able description of the layers (recorded in histories)."""
         return [{"layer": type(layer).__name__, **dataclasses.asdict(layer)} for layer in self.layers]
@@ -332,7 +340,9 @@ class Compressor:
         x, present, flags = updates, active, {}
         for pos, (f, st) in enumerate(zip(self.filters, state["filters"])):
             x, present, flags[f.name] = f.select(x, present, st, jax.random.fold_in(key, pos + 1))
-        rows, overload = self.coder.encode(x, jax.random.fold_in(key, 0), like)
+        slots = self.slots(present)
+        x = jax.tree.map(lambda a: a[jnp.minimum(slots, k - 1)], x)
+        rows, overload = self.coder.encode(x, jax.random.fold_in(key, 0), like, slots)
         message = Message(active, present, flags, rows)
         decoded, valid, new_state = self.decode(message, state, key)
         err = jax.tree.map(lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), decoded, updates)
@@ -350,7 +360,9 @@ class Compressor:
         ``valid`` (K,) marks users whose decoded update should enter the aggregate; other rows are zero.
         """
         like = state["like"].value
-        x = self.coder.decode(message.rows, jax.random.fold_in(key, 0), like)
+        slots = self.slots(message.present)
+        rows = self.coder.decode(message.rows, jax.random.fold_in(key, 0), like, slots)
+        x = jax.tree.map(lambda r: jnp.zeros((like.num_users, *r.shape[1:]), r.dtype).at[slots].set(r, mode="drop"), rows)
         valid = message.present
         new = list(state["filters"])
         for pos in reversed(range(len(self.filters))):

@@ -85,10 +85,12 @@ class QuantizerSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """How a flat vector, made of segments (leaves) of ``sizes`` entries, is cut into scale groups and blocks.
+    """How a user's update, made of segments (leaves) of ``sizes`` entries, is cut into scale groups and blocks.
 
-    Each segment is cut into groups of ``group`` entries (one group per segment when None); the vector is
-    zero-padded at the end to a multiple of L. ``seg_ids`` maps every padded entry to its group.
+    Each segment is zero-padded to a multiple of L and coded on its own (its blocks never straddle leaves, so
+    decoding writes each leaf directly, with no slicing of a fused computation); its entries are cut into
+    groups of ``group`` entries (one group per segment when None). The dither counter runs over the padded
+    segments in order, so the codes of all leaves concatenated are those of one padded vector.
     """
 
     sizes: tuple[int, ...]
@@ -98,6 +100,18 @@ class Layout:
     @functools.cached_property
     def groups_per_segment(self) -> tuple[int, ...]:
         return tuple(1 if self.group is None else max(1, -(-n // self.group)) for n in self.sizes)
+
+    def group_length(self, i: int) -> int:
+        """Entries per scale group in segment i (the whole segment when group is None)."""
+        return max(self.sizes[i], 1) if self.group is None else self.group
+
+    @functools.cached_property
+    def padded_sizes(self) -> tuple[int, ...]:
+        return tuple(max(-(-n // self.L) * self.L, self.L) for n in self.sizes)
+
+    @functools.cached_property
+    def offsets(self) -> tuple[int, ...]:
+        return tuple(int(o) for o in np.cumsum((0,) + self.padded_sizes[:-1]))
 
     @property
     def num_groups(self) -> int:
@@ -109,22 +123,22 @@ class Layout:
 
     @property
     def padded(self) -> int:
-        return max(-(-self.size // self.L) * self.L, self.L)
+        return sum(self.padded_sizes)
 
     @functools.cached_property
     def seg_ids(self) -> np.ndarray:
+        """Group index of every padded entry (padding belongs to its segment's last group)."""
         ids, base = [], 0
-        for n, ng in zip(self.sizes, self.groups_per_segment):
-            g = n if self.group is None else self.group
-            ids.append(base + np.minimum(np.arange(n) // max(g, 1), ng - 1))
+        for i, (n, ng, npad) in enumerate(zip(self.sizes, self.groups_per_segment, self.padded_sizes)):
+            ids.append(base + np.minimum(np.arange(npad) // self.group_length(i), ng - 1))
             base += ng
-        ids.append(np.full(self.padded - self.size, max(base - 1, 0)))
         return np.concatenate(ids).astype(np.int32)
 
     @functools.cached_property
     def counts(self) -> np.ndarray:
         """Real entries per group (at least 1)."""
-        return np.maximum(np.bincount(self.seg_ids[: self.size], minlength=self.num_groups), 1)
+        real = np.concatenate([np.arange(npad) < n for n, npad in zip(self.sizes, self.padded_sizes)])
+        return np.maximum(np.bincount(self.seg_ids[real], minlength=self.num_groups), 1)
 
 
 class Quantized(NamedTuple):
@@ -144,27 +158,28 @@ def _fmix32(h: Array) -> Array:
     return h ^ (h >> 16)
 
 
-def uniform01(key: Array, n: int, dtype=jnp.float32) -> Array:
+def uniform01(key: Array, n: int, dtype=jnp.float32, offset: int = 0) -> Array:
     """n numbers uniform on [0, 1): a counter hashed with two 32-bit seeds drawn from ``key``.
 
     Counter-based and a dozen integer operations per number, so the dither costs about as much as reading
     the data; the seeds come from the jax.random key, so streams are derived by fold_in and never stored.
+    ``offset`` starts the counter there (numbers offset .. offset + n - 1 of the stream).
     """
     seeds = jax.random.bits(key, (2,), jnp.uint32)
-    h = _fmix32(_fmix32(jnp.arange(n, dtype=jnp.uint32) + seeds[0]) ^ seeds[1])
+    h = _fmix32(_fmix32(jnp.arange(offset, offset + n, dtype=jnp.uint32) + seeds[0]) ^ seeds[1])
     if dtype == jnp.float64:
         return h.astype(jnp.float64) * (2.0**-32)
     return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
 
 
-def dither(key: Array, spec: QuantizerSpec, npad: int, dtype=jnp.float32) -> list:
+def dither(key: Array, spec: QuantizerSpec, npad: int, dtype=jnp.float32, offset: int = 0) -> list:
     """The dither for npad entries (a multiple of L), L arrays of (blocks,): G (u - 1/2), u uniform on [0, 1)^L.
 
     That is uniform over a centred fundamental parallelepiped, a basic cell of the lattice; subtractive dithering
     needs no more (z mod Lambda is then uniform on the torus, so the error is uniform over the Voronoi cell),
     and it saves the nearest-point reduction of a Voronoi-cell dither on both sides.
     """
-    u = uniform01(key, npad, dtype).reshape(spec.lattice.dim, -1) - 0.5
+    u = uniform01(key, npad, dtype, offset).reshape(spec.lattice.dim, -1) - 0.5
     return spec.lattice.from_coords_list(list(u))
 
 
@@ -174,15 +189,25 @@ def _wrap(points: list, lat: Lattice, bits: int) -> list:
     return [p - m * q for p, q in zip(points, lat.nearest_list([p * (1.0 / m) for p in points]))]
 
 
-def group_scales(x: Array, layout: Layout, mode: str) -> Array:
-    """Per-group scales (float32) of a padded vector: max |x|, or RMS computed as max * rms(x / max)."""
-    seg = jnp.asarray(layout.seg_ids)
-    s = jax.ops.segment_max(jnp.abs(x), seg, layout.num_groups, indices_are_sorted=True)
-    if mode == "rms":  # so huge values do not overflow
-        r = x / jnp.where(s > 0, s, 1.0)[seg]
-        ssq = jax.ops.segment_sum(r * r, seg, layout.num_groups, indices_are_sorted=True)
-        s = s * jnp.sqrt(ssq / jnp.asarray(layout.counts, x.dtype))
+def segment_scales(x: Array, group: int, mode: str) -> Array:
+    """Scales (float32) of the groups of ``group`` entries of one segment x (n,): max |x|, or RMS computed as
+    max * rms(x / max) so that huge values do not overflow. Static slices and reshapes: no scatter."""
+    n = x.shape[0]
+    ng = max(1, -(-n // group))
+    g = jnp.pad(x, (0, ng * group - n)).reshape(ng, group)
+    s = jnp.max(jnp.abs(g), axis=1)
+    if mode == "rms":
+        counts = np.maximum(np.minimum(group, n - group * np.arange(ng)), 1)
+        r = g / jnp.where(s > 0, s, 1.0)[:, None]
+        s = s * jnp.sqrt(jnp.sum(r * r, axis=1) / jnp.asarray(counts, x.dtype))
     return s.astype(jnp.float32)
+
+
+def _per_entry(v: Array, group: int, npad: int) -> Array:
+    """(groups,) per-group values -> (npad,) per-entry values (padding takes the last group's), no gather."""
+    ng = v.shape[0]
+    e = jnp.broadcast_to(v[:, None], (ng, group)).reshape(-1)
+    return e[:npad] if e.shape[0] >= npad else jnp.pad(e, (0, npad - e.shape[0]), mode="edge")
 
 
 def _blocks(v: Array, L: int) -> list:
@@ -191,12 +216,13 @@ def _blocks(v: Array, L: int) -> list:
     return list(v.reshape(L, -1))
 
 
-def encode_normalized(u: Array, key: Array, spec: QuantizerSpec) -> tuple[Array, Array]:
-    """Codes (uint32, same length) and overload count of u = x / (step * scale), padded to a multiple of L."""
+def encode_normalized(u: Array, key: Array, spec: QuantizerSpec, offset: int = 0) -> tuple[Array, Array]:
+    """Codes (uint32, same length) and overload count of u = x / (step * scale), padded to a multiple of L;
+    the dither is the stream's numbers offset .. offset + len(u) - 1."""
     lat = spec.lattice
     cdt = u.dtype
     ub = _blocks(u, lat.dim)
-    z = dither(key, spec, u.shape[0], cdt)
+    z = dither(key, spec, u.shape[0], cdt, offset)
     m = 2**spec.bits
     code, found, overload = None, None, jnp.zeros((), jnp.int32)
     for alpha in spec.ladder:  # try shrink factors in order; keep the first that fits
@@ -215,12 +241,12 @@ def encode_normalized(u: Array, key: Array, spec: QuantizerSpec) -> tuple[Array,
     return jnp.concatenate(code).astype(jnp.uint32), overload
 
 
-def decode_normalized(codes: Array, key: Array, spec: QuantizerSpec, dtype=jnp.float32) -> Array:
+def decode_normalized(codes: Array, key: Array, spec: QuantizerSpec, dtype=jnp.float32, offset: int = 0) -> Array:
     """(Q - z) * step for codes of a padded vector: the reconstruction in units of the group scales."""
     lat = spec.lattice
     p = _wrap(lat.from_coords_list([c.astype(dtype) for c in _blocks(codes.astype(jnp.int32), lat.dim)]), lat,
               spec.bits)
-    z = dither(key, spec, codes.shape[0], dtype)
+    z = dither(key, spec, codes.shape[0], dtype, offset)
     return jnp.concatenate([(a - b) * spec.step for a, b in zip(p, z)])
 
 
@@ -228,29 +254,38 @@ def _compute_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
 
 
-def quantize_padded(x: Array, key: Array, spec: QuantizerSpec, layout: Layout) -> Quantized:
-    """Encodes a vector already zero-padded to ``layout.padded`` entries."""
-    s = group_scales(x, layout, spec.scale)
-    safe = jnp.where(s > 0, s, 1.0).astype(x.dtype)
-    u = x * ((1.0 / spec.step) / safe)[jnp.asarray(layout.seg_ids)]
-    codes, overload = encode_normalized(u, key, spec)
-    return Quantized(codes, s, overload)
+def quantize_segments(xs: list, key: Array, spec: QuantizerSpec, layout: Layout) -> Quantized:
+    """Encodes segments xs[i] (sizes[i],) in the compute dtype: codes of all padded segments concatenated."""
+    codes, scales, overload = [], [], jnp.zeros((), jnp.int32)
+    for i, x in enumerate(xs):
+        group, npad = layout.group_length(i), layout.padded_sizes[i]
+        s = segment_scales(x, group, spec.scale)
+        inv = ((1.0 / spec.step) / jnp.where(s > 0, s, 1.0)).astype(x.dtype)
+        u = jnp.pad(x, (0, npad - x.shape[0])) * _per_entry(inv, group, npad)
+        c, ov = encode_normalized(u, key, spec, layout.offsets[i])
+        codes.append(c)
+        scales.append(s)
+        overload = overload + ov
+    return Quantized(jnp.concatenate(codes), jnp.concatenate(scales), overload)
 
 
-def dequantize_padded(codes: Array, scales: Array, key: Array, spec: QuantizerSpec, layout: Layout, dtype) -> Array:
-    """Decodes a padded vector (``layout.padded`` entries) in the compute dtype."""
-    u = decode_normalized(codes, key, spec, dtype)
-    return u * scales.astype(dtype)[jnp.asarray(layout.seg_ids)]
+def dequantize_segments(codes: Array, scales: Array, key: Array, spec: QuantizerSpec, layout: Layout, dtype) -> list:
+    """Decodes concatenated padded codes into one (sizes[i],) array per segment, in the compute dtype."""
+    out, base = [], 0
+    for i, (n, npad, off) in enumerate(zip(layout.sizes, layout.padded_sizes, layout.offsets)):
+        ng = layout.groups_per_segment[i]
+        u = decode_normalized(codes[off : off + npad], key, spec, dtype, off)
+        out.append((u * _per_entry(scales[base : base + ng].astype(dtype), layout.group_length(i), npad))[:n])
+        base += ng
+    return out
 
 
 def quantize(x: Array, key: Array, spec: QuantizerSpec) -> Quantized:
     """Encodes a 1-D vector (any float dtype) into R-bit codes with the dither derived from ``key``."""
-    layout = spec.layout(x.shape[0])
-    cdt = _compute_dtype(x.dtype)
-    return quantize_padded(jnp.pad(x.astype(cdt), (0, layout.padded - layout.size)), key, spec, layout)
+    return quantize_segments([x.astype(_compute_dtype(x.dtype))], key, spec, spec.layout(x.shape[0]))
 
 
 def dequantize(codes: Array, scales: Array, key: Array, spec: QuantizerSpec, n: int, dtype=jnp.float32) -> Array:
     """Decodes codes (padded length,) and scales into a vector of n entries of ``dtype``."""
-    layout = spec.layout(n)
-    return dequantize_padded(codes, scales, key, spec, layout, _compute_dtype(dtype))[:n].astype(dtype)
+    (x,) = dequantize_segments(codes, scales, key, spec, spec.layout(n), _compute_dtype(dtype))
+    return x.astype(dtype)

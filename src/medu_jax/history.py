@@ -31,7 +31,9 @@ def compressor_key(seed: int, round_index) -> jax.Array:
 @functools.lru_cache(maxsize=64)
 def _rows_like(compressor: Compressor, like: Like):
     coder = compressor.coder
-    return jax.eval_shape(lambda x: coder.encode(x, jax.random.key(0), like)[0], like.abstract())
+    users = jax.ShapeDtypeStruct((compressor.capacity(like.num_users),), jnp.int32)
+    sliced = jax.tree.map(lambda a: jax.ShapeDtypeStruct((users.shape[0], *a.shape[1:]), a.dtype), like.abstract())
+    return jax.eval_shape(lambda x, u: coder.encode(x, jax.random.key(0), like, u)[0], sliced, users)
 
 
 def _flat_flags(flags: dict) -> dict[str, Any]:
@@ -44,8 +46,9 @@ def compact(message: Message) -> dict[str, np.ndarray]:
     record = {"active": np.packbits(np.asarray(message.active, bool)), "present": np.packbits(present)}
     for name, v in _flat_flags(message.flags).items():
         record[f"flag:{name}"] = np.packbits(np.asarray(v, bool))
+    n = int(present.sum())  # payload slots 0..n-1 hold the present users' rows, in user order
     for i, leaf in enumerate(jax.tree.leaves(message.rows)):
-        record[f"row:{i}"] = np.asarray(leaf)[present]
+        record[f"row:{i}"] = np.ascontiguousarray(np.asarray(leaf)[:n])
     return record
 
 
@@ -90,7 +93,7 @@ class History:
         return int(sum(np.prod(s[1:], dtype=np.int64) for s, _ in self.like.leaves))
 
     def rows_like(self):
-        """Shapes/dtypes of the coder's full (K-row) payload, from an abstract evaluation (cached)."""
+        """Shapes/dtypes of the coder's payload (``capacity`` slots), from an abstract evaluation (cached)."""
         return _rows_like(self.compressor, self.like)
 
     def append(self, message: Message) -> dict[str, np.ndarray]:
@@ -127,7 +130,7 @@ class History:
                 flags[n].append(np.unpackbits(r[f"flag:{n}"])[:k].astype(bool))
             for i, sd in enumerate(row_leaves):
                 full = np.zeros(sd.shape, sd.dtype)
-                full[present] = r[f"row:{i}"]
+                full[: int(present.sum())] = r[f"row:{i}"]
                 rows[i].append(full)
         nested: dict = {}
         for n, v in flags.items():
