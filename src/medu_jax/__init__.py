@@ -4,6 +4,7 @@ FedAvg keeps a lossy-compressed history of every user's updates (user sparsifica
 thresholding, dithered lattice coding); unlearning replays that history without the removed users.
 """
 
+from medu_jax import attacks, data, metrics, models
 from medu_jax.compressors import (
     Compressor,
     Message,
@@ -27,7 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "A2", "ClientData", "Compressor", "D4", "E8", "FedConfig", "History", "Lattice", "Message", "QuantizerSpec",
-    "Stats", "Z", "chain", "check_updates", "compressor_key", "corrected_replay", "dequantize",
+    "Stats", "Z", "attacks", "chain", "check_updates", "compressor_key", "corrected_replay", "data", "dequantize",
     "differential_threshold", "fed_round", "finetune", "get_lattice", "identity", "lattice_coding", "medu",
-    "pack_bits", "quantize", "replay", "train", "unlearn", "unpack_bits", "user_sparsification",
+    "metrics", "models", "pack_bits", "quantize", "replay", "train", "unlearn", "unpack_bits", "user_sparsification",
 ]

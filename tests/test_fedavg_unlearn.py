@@ -1,0 +1,229 @@
+"""FedAvg, history and replay: exactness against float64 references, determinism, bad input."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import medu_jax as mj
+from medu_jax import data as D
+from medu_jax.fedavg import fed_round, local_update
+from medu_jax.models import MLP
+from medu_jax.unlearn import lbfgs_hvp
+
+K = 6
+
+
+@functools.lru_cache(maxsize=None)
+def setup():
+    ds = D.load_digits(0)
+    clients = D.make_clients(ds, K, seed=0, alpha=0.5)
+    model = MLP((16,), ds.num_classes)
+    params0 = model.init(jax.random.key(0), jnp.zeros((1, 64)))
+    tx = optax.sgd(0.1)
+    cfg = mj.FedConfig(rounds=6, local_steps=3, batch_size=16, participation=1.0, seed=3)
+    return ds, clients, model, params0, tx, cfg
+
+
+@functools.lru_cache(maxsize=None)
+def trained():
+    ds, clients, model, params0, tx, cfg = setup()
+    comps = {"f32": mj.identity(), "medu": mj.medu(0.5, 0.2, "A2", 3)}
+    return mj.train(model.apply, tx, params0, clients, cfg, comps)
+
+
+def leaves64(tree):
+    return [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+
+
+def test_vmapped_round_equals_a_per_client_loop():
+    ds, clients, model, params0, tx, cfg = setup()
+    excl = jnp.zeros((K,), bool)
+    new, ups, active, rejected = fed_round(model.apply, tx, cfg, params0, clients, 0, excl, jnp.ones((K,)))
+    rk = jax.random.fold_in(jax.random.key(cfg.seed), 0)
+    ck = jax.random.fold_in(rk, 1)
+    for k in range(K):
+        u = local_update(model.apply, tx, params0, clients.x[k], clients.y[k], clients.n[k],
+                         jax.random.fold_in(ck, k), cfg.local_steps, cfg.batch_size)
+        for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(ups)):
+            np.testing.assert_allclose(np.asarray(b[k]), np.asarray(a), rtol=1e-5, atol=1e-6)
+    # the server step is the data-weighted mean (float64 reference)
+    p = np.asarray(clients.n, np.float64) / float(np.sum(clients.n))
+    for w0, w1, u in zip(leaves64(params0), leaves64(new), leaves64(ups)):
+        np.testing.assert_allclose(w1, w0 + np.tensordot(p, u, axes=1), rtol=1e-5, atol=1e-6)
+    assert bool(active.all()) and not bool(rejected.any())
+
+
+def test_same_seed_same_bits_and_history():
+    ds, clients, model, params0, tx, cfg = setup()
+    a = mj.train(model.apply, tx, params0, clients, cfg, {"m": mj.medu(0.5, 0.2, "A2", 3)})
+    b = trained()
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)))
+    ra, rb = a.histories["m"].records, b.histories["medu"].records
+    assert len(ra) == len(rb) == cfg.rounds
+    for x, y in zip(ra, rb):
+        assert x.keys() == y.keys() and all(np.array_equal(x[n], y[n]) for n in x)
+
+
+def test_excluding_users_leaves_the_others_randomness_unchanged():
+    ds, clients, model, params0, tx, cfg = setup()
+    ones = jnp.ones((K,))
+    _, ups, _, _ = fed_round(model.apply, tx, cfg, params0, clients, 2, jnp.zeros((K,), bool), ones)
+    excl = jnp.zeros((K,), bool).at[1].set(True)
+    _, ups2, active2, _ = fed_round(model.apply, tx, cfg, params0, clients, 2, excl, ones)
+    assert not bool(active2[1])
+    for a, b in zip(jax.tree.leaves(ups), jax.tree.leaves(ups2)):
+        assert np.all(np.asarray(b[1]) == 0)
+        np.testing.assert_array_equal(np.asarray(a)[np.arange(K) != 1], np.asarray(b)[np.arange(K) != 1])
+
+
+def test_float32_history_replays_the_trained_model():
+    tr = trained()
+    w = mj.replay(tr.histories["f32"])
+    for a, b in zip(leaves64(w), leaves64(tr.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_naive_unlearning_matches_a_float64_reference():
+    ds, clients, model, params0, tx, cfg = setup()
+    tr = trained()
+    hist = tr.histories["f32"]
+    remove = [1, 4]
+    keep = np.ones(K, bool)
+    keep[remove] = False
+    msgs = hist.expand()
+    w = leaves64(params0)
+    for t in range(hist.num_rounds):
+        valid = np.asarray(msgs.present[t]) & keep
+        p = np.asarray(hist.weights, np.float64) * valid
+        p = p / p.sum()
+        for i, rows in enumerate(msgs.rows["values"]):
+            w[i] = w[i] + np.tensordot(p, np.asarray(rows[t], np.float64), axes=1)
+    got = leaves64(mj.unlearn(hist, remove))
+    for a, b in zip(got, w):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["f32", "medu"])
+def test_chunked_replay_is_bit_identical(name):
+    hist = trained().histories[name]
+    full = mj.unlearn(hist, [2])
+    for chunk in (1, 4):
+        part = mj.unlearn(hist, [2], chunk=chunk)
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(part)))
+
+
+def test_medu_history_is_small_and_replays_close_to_the_trained_model():
+    tr = trained()
+    hist = tr.histories["medu"]
+    s = hist.summary()
+    assert s["bytes"] == sum(sum(a.nbytes for a in r.values()) for r in hist.records)
+    assert s["float32_bytes"] == tr.histories["f32"].float32_nbytes
+    assert s["ratio"] > 8
+    w = mj.replay(hist)
+    assert mj.metrics.relative_distance(w, tr.params) < 0.1
+
+
+def test_removing_users_moves_the_model_towards_retraining():
+    ds, clients, model, params0, tx, cfg = setup()
+    tr = trained()
+    remove = [0, 5]
+    ref = mj.train(model.apply, tx, params0, clients, cfg, exclude=remove).params
+    d_before = mj.metrics.relative_distance(tr.params, ref)
+    d_after = mj.metrics.relative_distance(mj.unlearn(tr.histories["f32"], remove), ref)
+    assert d_after < d_before
+
+
+def test_corrected_replay_without_removal_is_naive_replay():
+    hist = trained().histories["f32"]
+    # with no user removed the two trajectories coincide, so the correction term is B (w_u - w) = 0
+    a = mj.corrected_replay(hist, [])
+    b = mj.replay(hist)
+    for x, y in zip(leaves64(a), leaves64(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_lbfgs_hvp_matches_dense_bfgs_recursion():
+    rng = np.random.default_rng(0)
+    d, m = 7, 4
+    A = rng.normal(size=(d, d))
+    H = A @ A.T + d * np.eye(d)  # SPD: y = H s gives s'y > 0
+    S = rng.normal(size=(m, d))
+    Y = S @ H.T
+    v = rng.normal(size=d)
+    for count in range(0, m + 1):
+        got = np.asarray(lbfgs_hvp(jnp.asarray(S, jnp.float32), jnp.asarray(Y, jnp.float32), jnp.int32(count),
+                                   jnp.asarray(v, jnp.float32), 0.5))
+        if count == 0:
+            assert np.all(got == 0)
+            continue
+        sigma = 0.5 * (Y[-1] @ Y[-1]) / (S[-1] @ Y[-1])
+        B = sigma * np.eye(d)
+        for s, y in zip(S[m - count:], Y[m - count:]):
+            Bs = B @ s
+            B = B - np.outer(Bs, Bs) / (s @ Bs) + np.outer(y, y) / (y @ s)
+        np.testing.assert_allclose(got, B @ v, rtol=2e-3, atol=2e-3 * np.abs(B @ v).max())
+
+
+def test_nan_updates_are_rejected_and_never_stored():
+    ds, clients, model, params0, tx, cfg = setup()
+    scale = np.ones(K, np.float32)
+    scale[3] = np.nan
+    tr = mj.train(model.apply, tx, params0, clients, cfg, {"m": mj.medu(1.0, 0.0, "A2", 3)}, update_scale=scale)
+    assert all(r == [3] for r in tr.log["rejected"])
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(tr.params))
+    hist = tr.histories["m"]
+    assert all(np.unpackbits(r["active"])[3] == 0 for r in hist.records)
+    w = mj.unlearn(hist, [3])
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(w))
+
+
+@pytest.mark.parametrize(
+    "remove, err, match",
+    [
+        ([], ValueError, "remove set is empty"),
+        ([K], ValueError, "unknown user ids"),
+        ([-1], ValueError, "unknown user ids"),
+        ([True], TypeError, "must be integers"),
+        (["a"], TypeError, "must be integers"),
+    ],
+)
+def test_bad_remove_sets(remove, err, match):
+    with pytest.raises(err, match=match):
+        mj.unlearn(trained().histories["medu"], remove)
+
+
+def test_unknown_method_and_empty_history():
+    hist = trained().histories["medu"]
+    with pytest.raises(ValueError, match="unknown unlearning method"):
+        mj.unlearn(hist, [1], method="magic")
+    empty = mj.History(hist.compressor, hist.like, 0, hist.params0, hist.weights)
+    with pytest.raises(ValueError, match="no rounds"):
+        mj.replay(empty)
+
+
+def test_fedconfig_and_partition_checks():
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        mj.FedConfig(rounds=0)
+    with pytest.raises(ValueError, match="participation"):
+        mj.FedConfig(participation=0.0)
+    y = np.repeat(np.arange(10), 30)
+    for shards in (D.partition_iid(len(y), 7, jax.random.key(0)),
+                   D.partition_dirichlet(y, 7, 0.3, jax.random.key(0))):
+        allidx = np.concatenate(shards)
+        assert len(allidx) == len(y) and len(np.unique(allidx)) == len(y)
+    # small alpha concentrates classes: most clients see few classes
+    shards = D.partition_dirichlet(y, 7, 0.05, jax.random.key(1))
+    assert np.mean([len(np.unique(y[s])) for s in shards if len(s)]) < 6
+    with pytest.raises(ValueError, match="alpha must be positive"):
+        D.partition_dirichlet(y, 3, 0.0, jax.random.key(0))
+
+
+def test_partial_participation_draws_the_configured_count():
+    ds, clients, model, params0, tx, _ = setup()
+    cfg = mj.FedConfig(rounds=1, local_steps=1, batch_size=8, participation=0.5, seed=1)
+    _, _, active, _ = fed_round(model.apply, tx, cfg, params0, clients, 0, jnp.zeros((K,), bool), jnp.ones((K,)))
+    assert int(active.sum()) == 3
