@@ -216,28 +216,57 @@ def _blocks(v: Array, L: int) -> list:
     return list(v.reshape(L, -1))
 
 
-def encode_normalized(u: Array, key: Array, spec: QuantizerSpec, offset: int = 0) -> tuple[Array, Array]:
-    """Codes (uint32, same length) and overload count of u = x / (step * scale), padded to a multiple of L;
-    the dither is the stream's numbers offset .. offset + len(u) - 1."""
-    lat = spec.lattice
-    cdt = u.dtype
-    ub = _blocks(u, lat.dim)
-    z = dither(key, spec, u.shape[0], cdt, offset)
-    m = 2**spec.bits
-    code, found, overload = None, None, jnp.zeros((), jnp.int32)
-    for alpha in spec.ladder:  # try shrink factors in order; keep the first that fits
-        cq = lat.to_coords_list(lat.nearest_list([a * alpha + b for a, b in zip(ub, z)]))
-        c = [jnp.remainder(v, m) for v in cq]
-        back = lat.to_coords_list(_wrap(lat.from_coords_list([v.astype(cdt) for v in c]), lat, spec.bits))
-        fits = functools.reduce(jnp.logical_and, [a == b for a, b in zip(back, cq)])
+LADDER_DENSE_BLOCKS = 256  # segments up to this many blocks run the whole ladder on every block
+LADDER_SHARE = 16  # larger segments of D4/E8 give the ladder to at most 1/16 of their blocks
+
+
+def _try(alpha: float, ub: list, z: list, lat: Lattice, bits: int, cdt) -> tuple[list, Array]:
+    """Codes of Q(alpha * u + z) modulo 2**R, and whether Q fell inside the coarse Voronoi region (no overload)."""
+    m = 2**bits
+    cq = lat.to_coords_list(lat.nearest_list([a * alpha + b for a, b in zip(ub, z)]))
+    c = [jnp.remainder(v, m) for v in cq]
+    back = lat.to_coords_list(_wrap(lat.from_coords_list([v.astype(cdt) for v in c]), lat, bits))
+    return c, functools.reduce(jnp.logical_and, [a == b for a, b in zip(back, cq)])
+
+
+def _ladder(ub: list, z: list, alphas: tuple, lat: Lattice, bits: int, cdt) -> list:
+    """Codes of the first shrink factor in ``alphas`` that fits, per block; code 0 (the point 0) if none does."""
+    code, found = None, None
+    for alpha in alphas:
+        c, fits = _try(alpha, ub, z, lat, bits, cdt)
         if code is None:
             code, found = c, fits
-            overload = jnp.sum(~fits, dtype=jnp.int32)
         else:
             take = fits & ~found
             code = [jnp.where(take, a, b) for a, b in zip(c, code)]
             found = found | fits
-    code = [jnp.where(found, v, 0) for v in code]  # code 0 (the point 0) always decodes exactly
+    return [jnp.where(found, v, 0) for v in code]
+
+
+def encode_normalized(u: Array, key: Array, spec: QuantizerSpec, offset: int = 0) -> tuple[Array, Array]:
+    """Codes (uint32, same length) and overload count of u = x / (step * scale), padded to a multiple of L;
+    the dither is the stream's numbers offset .. offset + len(u) - 1.
+
+    Overloaded blocks (rare) walk the shrink ladder. For D4 and E8, whose nearest-point search is costly,
+    segments of more than 256 blocks run the ladder only on their first ceil(blocks / 16) overloaded blocks,
+    gathered (measured 1.3-3x faster on CPU; for Z and A2 the gather costs more than it saves); further
+    overloaded blocks (a segment where over 1/16 overload has a badly chosen scale) are coded 0.
+    """
+    lat = spec.lattice
+    cdt = u.dtype
+    ub = _blocks(u, lat.dim)
+    z = dither(key, spec, u.shape[0], cdt, offset)
+    c, fits = _try(1.0, ub, z, lat, spec.bits, cdt)
+    overload = jnp.sum(~fits, dtype=jnp.int32)
+    nb = ub[0].shape[0]
+    if nb <= LADDER_DENSE_BLOCKS or lat.dim < 4:
+        code = _ladder(ub, z, spec.ladder, lat, spec.bits, cdt)
+    else:
+        cap = -(-nb // LADDER_SHARE)
+        idx = jnp.nonzero(~fits, size=cap, fill_value=nb)[0]
+        g = jnp.minimum(idx, nb - 1)
+        sub = _ladder([a[g] for a in ub], [b[g] for b in z], spec.ladder[1:], lat, spec.bits, cdt)
+        code = [jnp.where(fits, v, 0).at[idx].set(sv, mode="drop") for v, sv in zip(c, sub)]
     return jnp.concatenate(code).astype(jnp.uint32), overload
 
 

@@ -115,33 +115,25 @@ class History:
 
     def expand(self, rounds: range | list[int] | None = None) -> Message:
         """Full static-shaped messages for ``rounds`` (default all), stacked on a leading round axis."""
-        rounds = range(self.num_rounds) if rounds is None else rounds
+        recs = [self.records[t] for t in (range(self.num_rounds) if rounds is None else rounds)]
         k = self.num_users
-        rows_like = self.rows_like()
-        row_leaves, row_def = jax.tree_util.tree_flatten(rows_like)
-        flag_names = [n[len("flag:") :] for n in self.records[0] if n.startswith("flag:")] if self.records else []
-        act, pres, flags, rows = [], [], {n: [] for n in flag_names}, [[] for _ in row_leaves]
-        for t in rounds:
-            r = self.records[t]
-            present = np.unpackbits(r["present"])[:k].astype(bool)
-            act.append(np.unpackbits(r["active"])[:k].astype(bool))
-            pres.append(present)
-            for n in flag_names:
-                flags[n].append(np.unpackbits(r[f"flag:{n}"])[:k].astype(bool))
-            for i, sd in enumerate(row_leaves):
-                full = np.zeros(sd.shape, sd.dtype)
-                full[: int(present.sum())] = r[f"row:{i}"]
-                rows[i].append(full)
+        row_leaves, row_def = jax.tree_util.tree_flatten(self.rows_like())
+
+        def masks(name: str) -> np.ndarray:
+            return np.unpackbits(np.stack([r[name] for r in recs]), axis=1)[:, :k].astype(bool)
+
+        present = masks("present")
         nested: dict = {}
-        for n, v in flags.items():
-            layer, name = n.split("/", 1)
-            nested.setdefault(layer, {})[name] = jnp.asarray(np.stack(v))
-        return Message(
-            jnp.asarray(np.stack(act)),
-            jnp.asarray(np.stack(pres)),
-            nested,
-            row_def.unflatten([jnp.asarray(np.stack(x)) for x in rows]),
-        )
+        for n in (n for n in (recs[0] if recs else {}) if n.startswith("flag:")):
+            layer, name = n[len("flag:") :].split("/", 1)
+            nested.setdefault(layer, {})[name] = jnp.asarray(masks(n))
+        rows = []
+        for i, sd in enumerate(row_leaves):
+            full = np.zeros((len(recs), *sd.shape), sd.dtype)
+            for t, r in enumerate(recs):
+                full[t, : int(present[t].sum())] = r[f"row:{i}"]
+            rows.append(jnp.asarray(full))
+        return Message(jnp.asarray(masks("active")), jnp.asarray(present), nested, row_def.unflatten(rows))
 
     def summary(self) -> dict:
         """Sizes in bytes and the ratio to float32 history."""

@@ -90,7 +90,8 @@ def _replay_chunk(compressor: Compressor, step, carry, state, messages: Message,
         decoded, valid, st = compressor.decode(msg, st, compressor_key(seed, t))
         return (step(inner, decoded, valid, keep, weights, lr, hyper), st), None
 
-    (carry, state), _ = jax.lax.scan(body, (carry, state), (messages, rounds))
+    # unrolling 4 rounds per loop iteration measured ~20% faster on CPU (fewer loop-carried copies)
+    (carry, state), _ = jax.lax.scan(body, (carry, state), (messages, rounds), unroll=min(4, rounds.shape[0]))
     return carry, state
 
 
