@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from medu_jax import dither as dither_mod
 from medu_jax.dither import QuantizerSpec, dequantize, dither, quantize, uniform01
 from medu_jax.lattices import A2, D4, E8, Z
 
@@ -134,6 +135,19 @@ def test_property_error_bounded_per_block_except_overload(name, n, bits, magnitu
     err_units = (err / np.where(s > 0, s, 1)).reshape(lat.dim, -1)
     block_norm = np.linalg.norm(err_units, axis=0) / spec.step
     assert np.sum(block_norm > lat.covering_radius * (1 + 1e-3) + 1e-3) <= int(q.overload)
+
+
+@pytest.mark.parametrize("name", ["D4", "E8"])
+def test_gathered_ladder_equals_the_dense_ladder(name, monkeypatch):
+    # a large segment with overload: the ladder on gathered blocks gives the same codes as on every block
+    spec = QuantizerSpec(name, 3, scale="rms", clip=2.5)
+    x = jax.random.normal(jax.random.key(0), (8 * 600,))
+    sparse = quantize(x, jax.random.key(1), spec)
+    monkeypatch.setattr(dither_mod, "LADDER_DENSE_BLOCKS", 10**9)
+    dense = quantize(x, jax.random.key(1), spec)
+    assert 0 < int(sparse.overload) <= -(-x.shape[0] // spec.lattice.dim // dither_mod.LADDER_SHARE)
+    assert int(sparse.overload) == int(dense.overload)
+    np.testing.assert_array_equal(np.asarray(sparse.codes), np.asarray(dense.codes))
 
 
 def test_float64_and_low_precision_leaves():
