@@ -104,16 +104,21 @@ def load_dataset(cfg: ExperimentConfig) -> D.Dataset:
     return D.load_mnist(cfg.data_path)
 
 
-def _timed(fn, *args, repeats: int = 5, **kwargs):
-    """(result, seconds) of a warm call: run once to compile, then the best of ``repeats`` timed runs (the
-    same for every method, so the ratios compare like with like on a noisy machine)."""
-    out = jax.block_until_ready(fn(*args, **kwargs))
-    best = float("inf")
+def _best_time(fn, *args) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - t0
+
+
+def _timed_against(fn, reference, *args, repeats: int = 5) -> tuple[Any, float, float]:
+    """(result, best seconds of fn, best seconds of reference) from warm runs of the two interleaved, so a
+    drift in machine speed hits both sides of the ratio alike."""
+    out = jax.block_until_ready(fn(*args))
+    best, best_ref = float("inf"), float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(fn(*args, **kwargs))
-        best = min(best, time.perf_counter() - t0)
-    return out, best
+        best_ref = min(best_ref, _best_time(reference))
+        best = min(best, _best_time(fn, *args))
+    return out, best, best_ref
 
 
 def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict[str, Any]:
@@ -140,7 +145,8 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict[str, An
     trained = train(apply_fn, tx, params0, clients, fed, cfg.compressors(), update_scale=scale, progress=progress,
                     desc="train (with attackers)")
     retrain = lambda: train(apply_fn, tx, params0, clients, fed, exclude=bad, update_scale=scale).params  # noqa: E731
-    w_retrain, t_retrain = _timed(retrain)
+    w_retrain = jax.block_until_ready(retrain())
+    t_retrain = _best_time(retrain)  # warm
 
     def evaluate(params) -> dict:
         row = {"accuracy": metrics.accuracy(apply_fn, params, ds.x_test, ds.y_test)}
@@ -153,19 +159,22 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict[str, An
 
     rows = [
         {"method": "no unlearning (trained with attackers)", "bytes": 0, "ratio": float("nan"),
-         **evaluate(trained.params), "seconds": 0.0},
+         **evaluate(trained.params), "seconds": 0.0, "speedup": float("nan")},
         {"method": "retrain from scratch (reference)", "bytes": 0, "ratio": float("nan"),
-         **evaluate(w_retrain), "seconds": t_retrain},
+         **evaluate(w_retrain), "seconds": t_retrain, "speedup": 1.0},
     ]
+
     def forget(hist):
         w = unlearn(hist, bad, cfg.unlearn_method) if bad else replay(hist)
         return finetune(apply_fn, tx, w, clients, fed, bad, cfg.tune_rounds)
 
     for name, hist in trained.histories.items():
-        w_u, t_u = _timed(forget, hist)
+        w_u, t_u, t_ref = _timed_against(forget, retrain, hist)
+        t_retrain = min(t_retrain, t_ref)
         s = hist.summary()
         rows.append({"method": f"history: {name}", "bytes": s["bytes"], "ratio": s["ratio"], **evaluate(w_u),
-                     "seconds": t_u})
+                     "seconds": t_u, "speedup": t_ref / t_u})
+    rows[1]["seconds"] = t_retrain
     return {
         "config": dataclasses.asdict(cfg),
         "malicious": bad,
@@ -182,12 +191,11 @@ def format_table(result: dict) -> str:
     head = ("| method | bytes | ratio vs float32 | clean acc | attack success | dist to retrain | time (s) |"
             " speed-up vs retrain |")
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    t_ref = next((r["seconds"] for r in result["rows"] if r["method"].startswith("retrain")), float("nan"))
     for r in result["rows"]:
         ratio = "" if r["ratio"] != r["ratio"] else f"{r['ratio']:.1f}x"
         nbytes = f"{r['bytes']:,}" if r["bytes"] else ""
         asr = "" if r["attack_success"] != r["attack_success"] else f"{100 * r['attack_success']:.1f}%"
-        speed = f"{t_ref / r['seconds']:.1f}x" if r["method"].startswith("history") and r["seconds"] > 0 else ""
+        speed = f"{r['speedup']:.1f}x" if r["method"].startswith("history") else ""
         lines.append(
             f"| {r['method']} | {nbytes} | {ratio} | {100 * r['accuracy']:.1f}% | {asr} | "
             f"{r['dist_to_retrain']:.3f} | {r['seconds']:.3f} | {speed} |"
