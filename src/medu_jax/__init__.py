@@ -22,13 +22,14 @@ from medu_jax.fedavg import ClientData, FedConfig, fed_round, train
 from medu_jax.history import History, compressor_key
 from medu_jax.lattices import A2, D4, E8, Z, Lattice, get_lattice
 from medu_jax.packing import pack_bits, unpack_bits
+from medu_jax.store import HistoryFileError, load_history, save_history
 from medu_jax.unlearn import corrected_replay, finetune, replay, unlearn
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "A2", "ClientData", "Compressor", "D4", "E8", "FedConfig", "History", "Lattice", "Message", "QuantizerSpec",
+    "A2", "ClientData", "Compressor", "D4", "E8", "FedConfig", "History", "HistoryFileError", "Lattice", "Message", "QuantizerSpec",
     "Stats", "Z", "attacks", "chain", "check_updates", "compressor_key", "corrected_replay", "data", "dequantize",
-    "differential_threshold", "fed_round", "finetune", "get_lattice", "identity", "lattice_coding", "medu",
-    "metrics", "models", "pack_bits", "quantize", "replay", "train", "unlearn", "unpack_bits", "user_sparsification",
+    "differential_threshold", "fed_round", "finetune", "get_lattice", "identity", "lattice_coding", "load_history", "medu",
+    "metrics", "models", "pack_bits", "quantize", "replay", "save_history", "train", "unlearn", "unpack_bits", "user_sparsification",
 ]

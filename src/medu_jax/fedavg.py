@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from typing import Any, Callable, Iterable, NamedTuple
 
@@ -150,6 +151,39 @@ def _encode_fn(compressor: Compressor):
     return jax.jit(compressor.encode)
 
 
+def _open_stores(store: str, resume: bool, histories: dict, states: dict, params0: PyTree, cfg: FedConfig):
+    """Creates (or, resuming, reloads and checks) one store per history; returns (params, first round, writers)."""
+    from medu_jax import store as S
+
+    paths = {name: os.path.join(store, name) for name in histories}
+    existing = [p for p in paths.values() if os.path.exists(p)]
+    if not resume and existing:
+        raise FileExistsError(f"history store {existing[0]!r} exists: pass resume=True to continue it, or a new folder")
+    if not (resume and existing):
+        os.makedirs(store, exist_ok=True)
+        return params0, 0, {n: S.HistoryWriter(p, histories[n]) for n, p in paths.items()}
+    missing = [p for p in paths.values() if not os.path.exists(p)]
+    if missing:
+        raise S.HistoryFileError(f"cannot resume: {missing} missing beside {existing}")
+    loaded = {n: S.load_history(p, params0) for n, p in paths.items()}
+    for n, h in loaded.items():
+        mine = histories[n]
+        if h.compressor != mine.compressor or h.seed != mine.seed or not np.array_equal(h.weights, mine.weights):
+            raise S.HistoryFileError(f"cannot resume {paths[n]!r}: it was written by a different run "
+                                     "(compressor, seed or client data differ)")
+    t0 = min(h.num_rounds for h in loaded.values())
+    if t0 > cfg.rounds:
+        raise S.HistoryFileError(f"cannot resume: the stores hold {t0} rounds, more than cfg.rounds={cfg.rounds}")
+    params, writers = params0, {}
+    for n, p in paths.items():
+        histories[n].records = loaded[n].records[:t0]
+        writers[n] = S.HistoryWriter.reopen(p)
+        writers[n].truncate(t0)
+        if t0:
+            params, states[n] = S.load_state(p, histories[n], t0 - 1)
+    return params, t0, writers
+
+
 def train(
     apply_fn: ApplyFn,
     tx: optax.GradientTransformation,
@@ -161,11 +195,16 @@ def train(
     update_scale: np.ndarray | None = None,
     progress: bool = False,
     desc: str = "FedAvg",
+    store: str | None = None,
+    resume: bool = False,
 ) -> TrainResult:
     """Runs FedAvg and feeds every round's updates through each compressor into its own History.
 
     ``exclude`` lists users left out of the whole run (retrain-from-scratch); ``update_scale`` (K,) multiplies
-    each client's update (scaled or sign-flipped update attacks, 1 for honest clients).
+    each client's update (scaled or sign-flipped update attacks, 1 for honest clients). With ``store`` (a
+    folder) each history is also appended to ``store/<name>`` round by round with the training state, so a
+    crash loses at most the round in flight; ``resume=True`` continues from what the store holds (the result
+    is bit-identical to an uninterrupted run).
     """
     k = data.num_clients
     excl = np.isin(np.arange(k), check_user_ids(exclude, k, "exclude"))
@@ -184,7 +223,10 @@ def train(
         )
     log = {"rejected": [], "overload": {n: [] for n in compressors}, "rel_error": {n: [] for n in compressors}}
     params = params0
-    rounds = range(cfg.rounds)
+    writers, t0 = {}, 0
+    if store is not None:
+        params, t0, writers = _open_stores(store, resume, histories, states, params0, cfg)
+    rounds = range(t0, cfg.rounds)
     if progress:
         from tqdm.auto import tqdm
 
@@ -196,7 +238,9 @@ def train(
         log["rejected"].append(np.flatnonzero(np.asarray(rejected)).tolist())
         for name, comp in compressors.items():
             msg, states[name], _, _, stats = encoders[name](ups, states[name], compressor_key(cfg.seed, t), active)
-            histories[name].append(msg)
+            record = histories[name].append(msg)
+            if name in writers:
+                writers[name].append(t, record, params, states[name])
             log["overload"][name].append(int(stats.overload))
             log["rel_error"][name].append(float(jnp.sum(stats.sq_error) / jnp.maximum(jnp.sum(stats.sq_norm), 1e-30)))
     jax.block_until_ready(params)
