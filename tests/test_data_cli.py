@@ -145,7 +145,7 @@ def test_cli_demo_writes_outputs(tmp_path, capsys):
         (["demo", "--bits", "0"], "bits must be"),
         (["demo", "--dataset", "imagenet"], "unknown dataset"),
         (["demo", "--dataset", "mnist", "--data-path", "/no/such/dir"], "not found"),
-        (["demo", "--unlearn-method", "magic"], "unknown unlearn_method"),
+        (["demo", "--unlearn-methods", "naive,magic"], "unknown unlearn_methods"),
     ],
 )
 def test_cli_errors_exit_2_with_a_message(argv, match, capsys):

@@ -83,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--data-path", help="MNIST IDX folder or .npz file")
         p.add_argument("--lattice", help="Z, A2, D4 or E8")
         p.add_argument("--bits", type=int, help="bits per entry for lattice coding (1..16)")
-        p.add_argument("--unlearn-method", help="naive or corrected replay")
+        p.add_argument("--unlearn-methods", help="comma list of naive, corrected, fedrecover, federaser, crab")
+        p.add_argument("--methods", help="comma list of histories: float32, sparsify, threshold, lattice, medu")
+        p.add_argument("--store", help="folder for the durable history stores (zarr); unlearning reads them back")
+        p.add_argument("--resume", action="store_true", help="continue the training saved in --store")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
@@ -92,12 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {
             k: v for k, v in {
                 "rounds": args.rounds, "seed": args.seed, "dataset": args.dataset, "data_path": args.data_path,
-                "lattice": args.lattice, "bits": args.bits, "unlearn_method": args.unlearn_method,
+                "lattice": args.lattice, "bits": args.bits, "unlearn_methods": args.unlearn_methods,
+                "methods": args.methods.split(",") if args.methods else None, "store": args.store,
+                "resume": args.resume or None,
             }.items() if v is not None
         }
         cfg = ExperimentConfig.from_dict({**base.__dict__, **overrides})
         result = run_experiment(cfg, progress=not args.quiet)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
         print(f"medu: error: {e}", file=sys.stderr)
         return 2
     print(format_table(result))

@@ -8,7 +8,9 @@ them as the reference, and returns one comparison table.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import os
 import time
 from typing import Any
 
@@ -16,12 +18,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from medu_jax import attacks, compressors as C, data as D, metrics
+from medu_jax import attacks, baselines as B, compressors as C, data as D, metrics, store as S
 from medu_jax.fedavg import FedConfig, train
 from medu_jax.models import MLP
-from medu_jax.unlearn import METHODS as UNLEARN_METHODS, finetune, replay, unlearn
+from medu_jax.history import Selection
+from medu_jax.unlearn import finetune, replay, unlearn
 
 ATTACKS = ("backdoor", "label_flip", "scaled", "sign_flip", "none")
+UNLEARN_METHODS = ("naive", "corrected", "fedrecover", "federaser", "crab")
 DATASETS = ("digits", "mnist1d", "mnist")
 
 
@@ -50,16 +54,31 @@ class ExperimentConfig:
     lattice: str = "A2"
     bits: int = 2
     methods: tuple = ("float32", "sparsify", "threshold", "lattice", "medu")
-    unlearn_method: str = "naive"
+    unlearn_methods: tuple = ("naive",)
     tune_rounds: int = 2
+    fedrecover_warmup: int = 2
+    fedrecover_period: int = 10
+    federaser_every: int = 2
+    cal_steps: int = 2
+    crab_min_change: float = 0.01
+    crab_users: float = 0.5
+    store: str | None = None
+    resume: bool = False
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}: choose one of {DATASETS}")
         if self.dataset == "mnist" and not self.data_path:
             raise ValueError("dataset 'mnist' needs data_path (a folder of IDX files or an .npz)")
-        if self.unlearn_method not in UNLEARN_METHODS:
-            raise ValueError(f"unknown unlearn_method {self.unlearn_method!r}: choose one of {sorted(UNLEARN_METHODS)}")
+        if isinstance(self.unlearn_methods, str):
+            self.unlearn_methods = tuple(m.strip() for m in self.unlearn_methods.split(",") if m.strip())
+        bad = [m for m in self.unlearn_methods if m not in UNLEARN_METHODS]
+        if bad or not self.unlearn_methods:
+            raise ValueError(f"unknown unlearn_methods {bad}: choose one or more of {list(UNLEARN_METHODS)}")
+        self.unlearn_methods = tuple(self.unlearn_methods)
+        if int(self.federaser_every) < 1 or int(self.cal_steps) < 1:
+            raise ValueError("federaser_every and cal_steps must be >= 1")
+        self.selections()  # validates crab_users / crab_min_change
         if int(self.tune_rounds) < 0:
             raise ValueError(f"tune_rounds must be >= 0, got {self.tune_rounds}")
         if self.attack not in ATTACKS:
@@ -84,7 +103,27 @@ class ExperimentConfig:
         return cls(**d)
 
     def compressors(self) -> dict[str, C.Compressor]:
-        return {m: METHODS[m](self) for m in self.methods}
+        """Every history the run keeps: the full ones, plus FedEraser's (every N) and Crab's selective ones."""
+        out = {m: METHODS[m](self) for m in self.methods}
+        for sel_name in self.selections():
+            out[sel_name] = METHODS[sel_name.split("@")[0]](self)
+        return out
+
+    def selections(self) -> dict[str, Selection]:
+        sel = {}
+        for m in self.methods:
+            if "federaser" in self.unlearn_methods:
+                sel[f"{m}@every{self.federaser_every}"] = Selection(every=int(self.federaser_every))
+            if "crab" in self.unlearn_methods:
+                sel[f"{m}@crab"] = Selection(min_change=float(self.crab_min_change),
+                                             user_fraction=float(self.crab_users), checkpoints=True)
+        return sel
+
+    def history_for(self, unlearn_method: str, method: str) -> str:
+        """The name of the history an unlearning method reads."""
+        if unlearn_method == "federaser":
+            return f"{method}@every{self.federaser_every}"
+        return f"{method}@crab" if unlearn_method == "crab" else method
 
 
 METHODS = {
@@ -143,7 +182,10 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict[str, An
     fed = FedConfig(cfg.rounds, cfg.local_steps, cfg.batch_size, cfg.participation, 1.0, cfg.seed)
 
     trained = train(apply_fn, tx, params0, clients, fed, cfg.compressors(), update_scale=scale, progress=progress,
-                    desc="train (with attackers)")
+                    desc="train (with attackers)", store=cfg.store, resume=cfg.resume, selections=cfg.selections())
+    histories = dict(trained.histories)
+    if cfg.store:  # unlearn from what is on disk (checksums verified), as a server restarted later would
+        histories.update({m: S.load_history(os.path.join(cfg.store, m), params0) for m in cfg.methods})
     retrain = lambda: train(apply_fn, tx, params0, clients, fed, exclude=bad, update_scale=scale).params  # noqa: E731
     w_retrain = jax.block_until_ready(retrain())
     t_retrain = _best_time(retrain)  # warm
@@ -164,21 +206,32 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict[str, An
          **evaluate(w_retrain), "seconds": t_retrain, "speedup": 1.0},
     ]
 
-    def forget(hist):
-        w = unlearn(hist, bad, cfg.unlearn_method) if bad else replay(hist)
-        return finetune(apply_fn, tx, w, clients, fed, bad, cfg.tune_rounds)
+    def forget(method: str, hist):
+        if not bad:
+            return replay(hist)
+        if method in ("naive", "corrected"):
+            return finetune(apply_fn, tx, unlearn(hist, bad, method), clients, fed, bad, cfg.tune_rounds)
+        if method == "fedrecover":
+            return B.fedrecover(hist, bad, apply_fn, tx, clients, fed, cfg.fedrecover_warmup, cfg.fedrecover_period,
+                                cfg.tune_rounds)
+        if method == "federaser":
+            return B.federaser(hist, bad, apply_fn, tx, clients, fed, cfg.cal_steps)
+        return B.crab(hist, bad, apply_fn, tx, clients, fed, cfg.cal_steps)
 
-    for name, hist in trained.histories.items():
-        w_u, t_u, t_ref = _timed_against(forget, retrain, hist)
-        t_retrain = min(t_retrain, t_ref)
-        s = hist.summary()
-        rows.append({"method": f"history: {name}", "bytes": s["bytes"], "ratio": s["ratio"], **evaluate(w_u),
-                     "seconds": t_u, "speedup": t_ref / t_u})
+    f32_full = histories[cfg.methods[0]].float32_nbytes if cfg.methods else 0
+    for um in cfg.unlearn_methods:
+        for name in cfg.methods:
+            hist = histories[cfg.history_for(um, name)]
+            w_u, t_u, t_ref = _timed_against(functools.partial(forget, um), retrain, hist)
+            t_retrain = min(t_retrain, t_ref)
+            label = f"history: {name}" if cfg.unlearn_methods == ("naive",) else f"{um} / {name}"
+            rows.append({"method": label, "bytes": hist.nbytes, "ratio": f32_full / max(hist.nbytes, 1),
+                         **evaluate(w_u), "seconds": t_u, "speedup": t_ref / t_u})
     rows[1]["seconds"] = t_retrain
     return {
         "config": dataclasses.asdict(cfg),
         "malicious": bad,
-        "float32_bytes": next(iter(trained.histories.values())).float32_nbytes if trained.histories else 0,
+        "float32_bytes": f32_full,
         "train_seconds": trained.seconds,
         "rows": rows,
         "overload": {n: int(sum(v)) for n, v in trained.log["overload"].items()},
@@ -195,7 +248,7 @@ def format_table(result: dict) -> str:
         ratio = "" if r["ratio"] != r["ratio"] else f"{r['ratio']:.1f}x"
         nbytes = f"{r['bytes']:,}" if r["bytes"] else ""
         asr = "" if r["attack_success"] != r["attack_success"] else f"{100 * r['attack_success']:.1f}%"
-        speed = f"{r['speedup']:.1f}x" if r["method"].startswith("history") else ""
+        speed = "" if r["method"].startswith(("no unlearning", "retrain")) else f"{r['speedup']:.1f}x"
         lines.append(
             f"| {r['method']} | {nbytes} | {ratio} | {100 * r['accuracy']:.1f}% | {asr} | "
             f"{r['dist_to_retrain']:.3f} | {r['seconds']:.3f} | {speed} |"

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from medu_jax.compressors import Compressor, tree_where
-from medu_jax.history import History, compressor_key
+from medu_jax.history import History, Selection, compressor_key
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
@@ -151,10 +151,39 @@ def _encode_fn(compressor: Compressor):
     return jax.jit(compressor.encode)
 
 
+def _tree_norm(tree: PyTree) -> float:
+    return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree))))
+
+
+def _select(sel: Selection, t: int, prev: PyTree, new: PyTree, ups: PyTree, active, last: PyTree | None):
+    """The users round t keeps under ``sel`` ((K,) bool), or None when the round is not kept."""
+    if t % sel.every:
+        return None
+    if sel.min_change > 0 and last is not None:
+        moved = _tree_norm(jax.tree.map(lambda a, b: a - b, prev, last)) / max(_tree_norm(last), 1e-30)
+        if moved < sel.min_change:
+            return None
+    active = np.asarray(active, bool)
+    if sel.user_fraction >= 1.0 or not active.any():
+        return jnp.asarray(active)
+    k = active.shape[0]
+    flat = np.concatenate([np.asarray(u, np.float64).reshape(k, -1) for u in jax.tree.leaves(ups)], axis=1)
+    g = np.concatenate([np.ravel(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+                        for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(prev))])
+    cos = flat @ g / (np.linalg.norm(flat, axis=1) * np.linalg.norm(g) + 1e-30)
+    n = max(1, int(np.ceil(sel.user_fraction * active.sum())))
+    keep = np.argsort(np.where(active, -cos, np.inf), kind="stable")[:n]
+    out = np.zeros(k, bool)
+    out[keep] = True
+    return jnp.asarray(out & active)
+
+
 def _open_stores(store: str, resume: bool, histories: dict, states: dict, params0: PyTree, cfg: FedConfig):
     """Creates (or, resuming, reloads and checks) one store per history; returns (params, first round, writers)."""
     from medu_jax import store as S
 
+    if not histories:
+        raise ValueError("store= given but no full history to write")
     paths = {name: os.path.join(store, name) for name in histories}
     existing = [p for p in paths.values() if os.path.exists(p)]
     if not resume and existing:
@@ -197,6 +226,7 @@ def train(
     desc: str = "FedAvg",
     store: str | None = None,
     resume: bool = False,
+    selections: dict[str, Selection] | None = None,
 ) -> TrainResult:
     """Runs FedAvg and feeds every round's updates through each compressor into its own History.
 
@@ -204,7 +234,8 @@ def train(
     each client's update (scaled or sign-flipped update attacks, 1 for honest clients). With ``store`` (a
     folder) each history is also appended to ``store/<name>`` round by round with the training state, so a
     crash loses at most the round in flight; ``resume=True`` continues from what the store holds (the result
-    is bit-identical to an uninterrupted run).
+    is bit-identical to an uninterrupted run). ``selections`` maps a history name to the rounds and users it
+    keeps (FedEraser's interval, Crab's informative rounds/users, rollback checkpoints); default: all.
     """
     k = data.num_clients
     excl = np.isin(np.arange(k), check_user_ids(exclude, k, "exclude"))
@@ -223,9 +254,20 @@ def train(
         )
     log = {"rejected": [], "overload": {n: [] for n in compressors}, "rel_error": {n: [] for n in compressors}}
     params = params0
+    selections = dict(selections or {})
+    unknown = sorted(set(selections) - set(compressors))
+    if unknown:
+        raise ValueError(f"selections for unknown histories {unknown}; histories are {sorted(compressors)}")
+    for name, sel in selections.items():
+        histories[name].selection = sel
+    last_kept: dict = {name: None for name in compressors}
     writers, t0 = {}, 0
-    if store is not None:
-        params, t0, writers = _open_stores(store, resume, histories, states, params0, cfg)
+    if store is not None:  # full histories go to disk; selective ones stay in memory (save_history after)
+        partial = [n for n, h in histories.items() if not h.selection.keeps_all]
+        if resume and partial:
+            raise ValueError(f"resume=True needs full histories only; {partial} have a Selection")
+        full = {n: h for n, h in histories.items() if n not in partial}
+        params, t0, writers = _open_stores(store, resume, full, states, params0, cfg)
     rounds = range(t0, cfg.rounds)
     if progress:
         from tqdm.auto import tqdm
@@ -234,11 +276,19 @@ def train(
     start = time.perf_counter()
     excl_j, scale_j = jnp.asarray(excl), jnp.asarray(scale)
     for t in rounds:
+        prev = params
         params, ups, active, rejected = fed_round(apply_fn, tx, cfg, params, data, t, excl_j, scale_j)
         log["rejected"].append(np.flatnonzero(np.asarray(rejected)).tolist())
         for name, comp in compressors.items():
-            msg, states[name], _, _, stats = encoders[name](ups, states[name], compressor_key(cfg.seed, t), active)
-            record = histories[name].append(msg)
+            sel, act = histories[name].selection, active
+            if not sel.keeps_all:
+                act = _select(sel, t, prev, params, ups, active, last_kept[name])
+                if act is None:
+                    continue
+                last_kept[name] = prev
+            msg, states[name], _, _, stats = encoders[name](ups, states[name], compressor_key(cfg.seed, t), act)
+            record = histories[name].append(msg, t, prev if sel.checkpoints else None,
+                                            active if sel.user_fraction < 1 else None)
             if name in writers:
                 writers[name].append(t, record, params, states[name])
             log["overload"][name].append(int(stats.overload))

@@ -57,6 +57,36 @@ def record_nbytes(record: dict[str, np.ndarray]) -> int:
     return int(sum(a.nbytes for a in record.values()))
 
 
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Which rounds and users a history keeps (the full history by default).
+
+    every: keep rounds t with t % every == 0 (FedEraser's retention interval).
+    min_change: Crab-style informative rounds: keep a round only when the global model has moved by at least
+      this fraction of its norm since the last kept round.
+    user_fraction: Crab-style informative users: within a kept round keep only this fraction of the active
+      users, those whose update is best aligned (cosine) with the round's aggregate update.
+    checkpoints: also keep the global model before each kept round (rollback points).
+    """
+
+    every: int = 1
+    min_change: float = 0.0
+    user_fraction: float = 1.0
+    checkpoints: bool = False
+
+    def __post_init__(self):
+        if int(self.every) < 1:
+            raise ValueError(f"Selection.every must be >= 1, got {self.every!r}")
+        if not 0.0 < float(self.user_fraction) <= 1.0:
+            raise ValueError(f"Selection.user_fraction must be in (0, 1], got {self.user_fraction!r}")
+        if float(self.min_change) < 0:
+            raise ValueError(f"Selection.min_change must be >= 0, got {self.min_change!r}")
+
+    @property
+    def keeps_all(self) -> bool:
+        return self.every == 1 and self.min_change == 0 and self.user_fraction == 1.0 and not self.checkpoints
+
+
 @dataclasses.dataclass
 class History:
     """Compressed update history of a federated run, plus what replay needs (w0, weights, seed).
@@ -68,7 +98,9 @@ class History:
       params0: the initial global model w^0 (NumPy leaves).
       weights: (K,) aggregation weights p_k before re-normalisation (e.g. data sizes).
       server_lr: global step applied to the weighted mean of the updates.
-      records: one compact record per round.
+      records: one compact record per kept round (with its training round index, and with the global model
+        before that round when the selection keeps checkpoints).
+      selection: which rounds and users this history keeps (all, by default).
     """
 
     compressor: Compressor
@@ -78,6 +110,7 @@ class History:
     weights: np.ndarray
     server_lr: float = 1.0
     records: list = dataclasses.field(default_factory=list)
+    selection: "Selection" = dataclasses.field(default_factory=lambda: Selection())
 
     @property
     def num_users(self) -> int:
@@ -96,11 +129,31 @@ class History:
         """Shapes/dtypes of the coder's payload (``capacity`` slots), from an abstract evaluation (cached)."""
         return _rows_like(self.compressor, self.like)
 
-    def append(self, message: Message) -> dict[str, np.ndarray]:
-        """Compacts and appends one round's message; returns the record."""
+    def append(self, message: Message, round_id: int | None = None, checkpoint: PyTree = None,
+               participants=None) -> dict[str, np.ndarray]:
+        """Compacts and appends training round ``round_id``'s message; with a selection, also the model before
+        the round and the round's participants (when the selection stored only some of them). Returns the record."""
         record = compact(jax.device_get(message))
+        if participants is not None:
+            record["participants"] = np.packbits(np.asarray(participants, bool))
+        record["round"] = np.array([self.num_rounds if round_id is None else round_id], np.int32)
+        for i, leaf in enumerate(jax.tree.leaves(checkpoint)):
+            record[f"ckpt:{i}"] = np.asarray(leaf, np.float32)
         self.records.append(record)
         return record
+
+    @property
+    def round_ids(self) -> list[int]:
+        """The training round of each record (compressor keys are derived from it)."""
+        return [int(r["round"][0]) if "round" in r else i for i, r in enumerate(self.records)]
+
+    def checkpoint(self, i: int) -> PyTree:
+        """The global model before record i's round, if the selection kept checkpoints."""
+        r = self.records[i]
+        leaves, treedef = jax.tree_util.tree_flatten(self.params0)
+        if "ckpt:0" not in r:
+            raise ValueError(f"record {i} holds no model checkpoint (Selection(checkpoints=True) keeps them)")
+        return treedef.unflatten([jnp.asarray(r[f"ckpt:{j}"]).astype(jnp.result_type(x)) for j, x in enumerate(leaves)])
 
     @property
     def nbytes(self) -> int:
@@ -116,6 +169,8 @@ class History:
     def expand(self, rounds: range | list[int] | None = None) -> Message:
         """Full static-shaped messages for ``rounds`` (default all), stacked on a leading round axis."""
         recs = [self.records[t] for t in (range(self.num_rounds) if rounds is None else rounds)]
+        if not recs:
+            raise ValueError("expand: no rounds selected")
         k = self.num_users
         row_leaves, row_def = jax.tree_util.tree_flatten(self.rows_like())
 

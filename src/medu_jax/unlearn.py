@@ -9,7 +9,7 @@ optionally in chunks of rounds so that only one chunk of expanded codes sits in 
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -107,7 +107,26 @@ def _default_chunk(history: History, budget_bytes: int = 256 << 20) -> int:
     return max(1, min(history.num_rounds, budget_bytes // max(per_round, 1)))
 
 
-def _replay(history: History, remove: Iterable[int], chunk: int | None, step, extra, hyper=()) -> PyTree:
+def _segments(total: int, chunk: int, exact: frozenset) -> list[list[int]]:
+    """Record indices cut into scan chunks; each exact round is a segment of its own."""
+    out, cur = [], []
+    for i in range(total):
+        if i in exact:
+            out += [cur] if cur else []
+            out.append([i])
+            cur = []
+            continue
+        cur.append(i)
+        if len(cur) == chunk:
+            out.append(cur)
+            cur = []
+    return out + ([cur] if cur else [])
+
+
+def _replay(history: History, remove: Iterable[int], chunk: int | None, step, extra, hyper=(),
+            exact: tuple[frozenset, Callable] | None = None) -> PyTree:
+    """Replays the records in scan chunks; ``exact`` = (record indices, fn(w, round) -> w) replaces the model
+    after those rounds by an exact round of the remaining users (FedRecover's warm-up and periodic rounds)."""
     if history.num_rounds == 0:
         raise ValueError("the history holds no rounds to replay")
     k = history.num_users
@@ -118,17 +137,21 @@ def _replay(history: History, remove: Iterable[int], chunk: int | None, step, ex
     weights = jnp.asarray(history.weights, jnp.float32)
     t_total = history.num_rounds
     chunk = _default_chunk(history) if chunk is None else max(1, min(int(chunk), t_total))
-    for start in range(0, t_total, chunk):
-        idx = list(range(start, min(start + chunk, t_total)))
+    exact_rounds, exact_fn = exact if exact is not None else (frozenset(), None)
+    ids = history.round_ids
+    for idx in _segments(t_total, chunk, exact_rounds):
         msgs = history.expand(idx)
-        pad = chunk - len(idx)
+        pad = (1 if idx[0] in exact_rounds else chunk) - len(idx)
         if pad:  # pad the last chunk with inactive rounds so one compiled program serves all chunks
             msgs = jax.tree.map(lambda a: jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]), msgs)
-        rounds = jnp.asarray(idx + [t_total] * pad, jnp.int32)
+        rounds = jnp.asarray([ids[i] for i in idx] + [max(ids) + 1] * pad, jnp.int32)
+        before = carry[0]
         carry, state = _replay_chunk(
             history.compressor, step, carry, state, msgs, rounds, keep, weights, history.seed, history.server_lr,
             hyper,
         )
+        if idx[0] in exact_rounds:
+            carry = (exact_fn(before, ids[idx[0]]), carry[1])
     return carry[0]
 
 
@@ -139,6 +162,16 @@ def replay(history: History, remove: Iterable[int] = (), chunk: int | None = Non
     ``chunk`` bounds how many rounds are decoded on the device at once (default: about 256 MB of float32).
     """
     return _replay(history, remove, chunk, _step_naive, ())
+
+
+def corrected_state(history: History, memory: int) -> tuple:
+    """Initial carry of the corrected step: original trajectory, ``memory`` L-BFGS pairs, previous round."""
+    if int(memory) < 1:
+        raise ValueError(f"memory must be >= 1, got {memory}")
+    d = history.num_params
+    z = jnp.zeros((d,), jnp.float32)
+    w0 = ravel_pytree(jax.tree.map(jnp.asarray, history.params0))[0].astype(jnp.float32)
+    return (w0, jnp.zeros((memory, d)), jnp.zeros((memory, d)), jnp.zeros((), jnp.int32), w0, z, jnp.zeros((), jnp.int32))
 
 
 def corrected_replay(
@@ -153,13 +186,7 @@ def corrected_replay(
     scales the curvature assumed outside the pairs' span: large values also pull the model back towards the
     original (attacked) trajectory in directions the remaining users do not constrain (a backdoor's).
     """
-    if memory < 1:
-        raise ValueError(f"memory must be >= 1, got {memory}")
-    d = history.num_params
-    z = jnp.zeros((d,), jnp.float32)
-    w0 = ravel_pytree(jax.tree.map(jnp.asarray, history.params0))[0].astype(jnp.float32)
-    extra = (w0, jnp.zeros((memory, d)), jnp.zeros((memory, d)), jnp.zeros((), jnp.int32), w0, z, jnp.zeros((), jnp.int32))
-    return _replay(history, remove, chunk, _step_corrected, extra, jnp.float32(gamma))
+    return _replay(history, remove, chunk, _step_corrected, corrected_state(history, memory), jnp.float32(gamma))
 
 
 METHODS = {"naive": replay, "corrected": corrected_replay}
