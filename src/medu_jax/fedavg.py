@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from medu_jax.compressors import Compressor, tree_where
 from medu_jax.history import History, Selection, compressor_key
@@ -36,6 +37,21 @@ def weighted_mean(updates: PyTree, mask: jax.Array, weights: jax.Array) -> PyTre
     total = jnp.sum(w)
     w = jnp.where(total > 0, w / jnp.where(total > 0, total, 1.0), 0.0)
     return jax.tree.map(lambda x: jnp.tensordot(w.astype(x.dtype), x, axes=1), updates)
+
+
+def ordered_weighted_mean(updates: PyTree, mask: jax.Array, weights: jax.Array) -> PyTree:
+    """``weighted_mean`` summed client by client in index order (a ``lax.scan``): the same bits whatever the
+    device layout of the clients, so sharded training reproduces single-device training exactly."""
+    w = weights * mask
+    total = jnp.sum(w)
+    w = jnp.where(total > 0, w / jnp.where(total > 0, total, 1.0), 0.0)
+
+    def add(acc, xs):
+        wk, xk = xs
+        return jax.tree.map(lambda a, x: a + wk.astype(x.dtype) * x, acc, xk), None
+
+    zero = jax.tree.map(lambda x: jnp.zeros(x.shape[1:], x.dtype), updates)
+    return jax.lax.scan(add, zero, (w, updates))[0]
 
 
 def check_user_ids(ids: Iterable[int], num_users: int, what: str = "remove") -> np.ndarray:
@@ -68,7 +84,9 @@ class FedConfig:
 
     rounds: T; local_steps: E optax steps per client per round; batch_size: samples per local step (drawn
     with replacement from the client's own n_k samples); participation: fraction of clients per round (a
-    fixed count, drawn uniformly); server_lr: global step on the weighted mean update; seed: the run's seed.
+    fixed count, drawn uniformly); server_lr: global step on the weighted mean update; seed: the run's seed;
+    client_chunk: train clients ``client_chunk`` at a time (``lax.map``) instead of all at once (``vmap``),
+    when a round's clients do not fit in device memory.
     """
 
     rounds: int = 40
@@ -77,11 +95,14 @@ class FedConfig:
     participation: float = 1.0
     server_lr: float = 1.0
     seed: int = 0
+    client_chunk: int | None = None
 
     def __post_init__(self):
         for name in ("rounds", "local_steps", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"FedConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.client_chunk is not None and int(self.client_chunk) < 1:
+            raise ValueError(f"FedConfig.client_chunk must be >= 1 or None, got {self.client_chunk!r}")
         if not 0.0 < float(self.participation) <= 1.0:
             raise ValueError(f"FedConfig.participation must be in (0, 1], got {self.participation!r}")
 
@@ -113,27 +134,61 @@ def participants(key: jax.Array, num_clients: int, fraction: float) -> jax.Array
     return jnp.zeros((num_clients,), bool).at[jax.random.permutation(key, num_clients)[:m]].set(True)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "tx", "cfg"))
-def fed_round(apply_fn, tx, cfg: FedConfig, params, data: ClientData, t, exclude, update_scale):
+CLIENTS = "clients"  # the mesh axis the client axis is sharded over
+
+
+def client_mesh(devices=None) -> Mesh:
+    """A 1-D device mesh with axis 'clients' over ``devices`` (default: all devices)."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (CLIENTS,))
+
+
+def shard_clients(data: ClientData, mesh: Mesh) -> ClientData:
+    """Places ClientData with its client axis split over the mesh's 'clients' axis."""
+    n_dev = mesh.shape[CLIENTS]
+    if data.num_clients % n_dev:
+        raise ValueError(f"{data.num_clients} clients cannot be split evenly over {n_dev} devices: use a multiple "
+                         f"of {n_dev} clients (clients with n = 0 are allowed as padding) or fewer devices")
+    return jax.device_put(data, NamedSharding(mesh, P(CLIENTS)))
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "tx", "cfg", "mesh"))
+def fed_round(apply_fn, tx, cfg: FedConfig, params, data: ClientData, t, exclude, update_scale, mesh: Mesh | None = None):
     """One FedAvg round. Returns (new params, updates (K, ...), active (K,), rejected (K,)).
 
     Updates of excluded, non-participating or empty clients are zero and inactive. A client whose update holds
     NaN/inf is rejected: left out of the aggregate and of the history (so it cannot poison either), and
-    reported in ``rejected``.
+    reported in ``rejected``. With a ``mesh`` each device trains its share of the clients (``shard_map`` over
+    the 'clients' axis) and the updates are gathered and summed in client order: the result has the same bits
+    as one device running the clients in chunks of K / devices (``client_chunk``); XLA does not promise equal
+    bits for different batch sizes, so plain vmap over all K may differ in the last bits.
     """
     k = data.num_clients
     rk = jax.random.fold_in(jax.random.key(cfg.seed), t)
     part = participants(jax.random.fold_in(rk, 0), k, cfg.participation) & ~exclude & (data.n > 0)
     ck = jax.random.fold_in(rk, 1)
     keys = jax.vmap(lambda u: jax.random.fold_in(ck, u))(jnp.arange(k))
-    ups = jax.vmap(lambda x, y, n, kk: local_update(apply_fn, tx, params, x, y, n, kk, cfg.local_steps, cfg.batch_size))(
-        data.x, data.y, data.n, keys
-    )
+
+    def clients(p, args):  # the clients of one device: vmapped, or lax.map in chunks of client_chunk
+        def one(a):
+            x, y, n, kk = a
+            return local_update(apply_fn, tx, p, x, y, n, kk, cfg.local_steps, cfg.batch_size)
+
+        return jax.vmap(one)(args) if cfg.client_chunk is None else jax.lax.map(one, args, batch_size=cfg.client_chunk)
+
+    args = (data.x, data.y, data.n, keys)
+    if mesh is None:
+        ups = clients(params, args)
+    else:  # each device trains its own clients; then the updates are gathered and summed in a fixed order
+        # check_vma=False: with the varying-axes check on, jax 0.10 computed wrong local updates (random ops)
+        ups = jax.shard_map(clients, mesh=mesh, in_specs=(P(), P(CLIENTS)), out_specs=P(CLIENTS),
+                            check_vma=False)(params, args)
+        ups = jax.lax.with_sharding_constraint(ups, NamedSharding(mesh, P()))
     ups = jax.tree.map(lambda u: u * update_scale.reshape((k,) + (1,) * (u.ndim - 1)).astype(u.dtype), ups)
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(u.reshape(k, -1)), axis=1) for u in jax.tree.leaves(ups)]), 0)
     active = part & finite
     ups = tree_where(active, ups, jax.tree.map(jnp.zeros_like, ups))
-    agg = weighted_mean(ups, active, data.n.astype(jnp.float32))
+    agg = ordered_weighted_mean(ups, active, data.n.astype(jnp.float32))
     new = jax.tree.map(lambda p, a: p + (cfg.server_lr * a).astype(p.dtype), params, agg)
     return new, ups, active, part & ~finite
 
@@ -227,6 +282,7 @@ def train(
     store: str | None = None,
     resume: bool = False,
     selections: dict[str, Selection] | None = None,
+    mesh: Mesh | None = None,
 ) -> TrainResult:
     """Runs FedAvg and feeds every round's updates through each compressor into its own History.
 
@@ -236,6 +292,7 @@ def train(
     crash loses at most the round in flight; ``resume=True`` continues from what the store holds (the result
     is bit-identical to an uninterrupted run). ``selections`` maps a history name to the rounds and users it
     keeps (FedEraser's interval, Crab's informative rounds/users, rollback checkpoints); default: all.
+    ``mesh`` (see ``client_mesh``) shards the clients over devices; the result has the same bits as one device.
     """
     k = data.num_clients
     excl = np.isin(np.arange(k), check_user_ids(exclude, k, "exclude"))
@@ -275,9 +332,11 @@ def train(
         rounds = tqdm(rounds, desc=desc, leave=False)
     start = time.perf_counter()
     excl_j, scale_j = jnp.asarray(excl), jnp.asarray(scale)
+    if mesh is not None:
+        data = shard_clients(data, mesh)
     for t in rounds:
         prev = params
-        params, ups, active, rejected = fed_round(apply_fn, tx, cfg, params, data, t, excl_j, scale_j)
+        params, ups, active, rejected = fed_round(apply_fn, tx, cfg, params, data, t, excl_j, scale_j, mesh)
         log["rejected"].append(np.flatnonzero(np.asarray(rejected)).tolist())
         for name, comp in compressors.items():
             sel, act = histories[name].selection, active
