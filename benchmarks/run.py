@@ -1,0 +1,177 @@
+"""medu_jax benchmarks: every figure is a ratio against a baseline measured in the same run.
+
+    python benchmarks/run.py                 # CPU-sized defaults, writes benchmarks/results.md
+    python benchmarks/run.py --sizes 1e6 1e7 1e8 3e8 --out results_gpu.md   # on a GPU
+
+Sections: (1) encode+pack and unpack+decode of a stacked user update vs a float32 copy of it, per lattice and
+bit width; (2) FedAvg rounds/s, vmapped clients vs a per-client Python loop of the same model and data;
+(3) unlearning (replay, and replay + 2 tuning rounds) vs retraining, same rounds; (4) history bytes vs a
+float32 history as users and rounds grow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import medu_jax as mj
+from medu_jax.compressors import Like
+from medu_jax.fedavg import cross_entropy
+from medu_jax.history import compact, record_nbytes
+
+
+def best(fn, *args, repeats: int = 5) -> float:
+    """Best wall time (s) of ``repeats`` warm calls."""
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return min(ts)
+
+
+def codec_table(sizes: list[int], users: int, lattices: list[str], bits: list[int]) -> list[str]:
+    rows = ["| entries | lattice | bits | copy (ms) | encode+pack (ms) | ratio | GB/s | unpack+decode (ms) | ratio | GB/s |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    copy = jax.jit(lambda a: a * 1.0)
+    for n in sizes:
+        per = -(-n // users)
+        x = {"w": jax.random.normal(jax.random.key(0), (users, per))}
+        like = Like.of(x)
+        t_copy = best(copy, x["w"])
+        gb = users * per * 4 / 1e9
+        for lat in lattices:
+            for b in bits:
+                coder = mj.lattice_coding(lat, b).coder
+                users_ids = jnp.arange(users)
+                enc = jax.jit(lambda v: coder.encode(v, jax.random.key(1), like, users_ids)[0])
+                rows_ = enc(x)
+                dec = jax.jit(lambda r: coder.decode(r, jax.random.key(1), like, users_ids))
+                t_e, t_d = best(enc, x), best(dec, rows_)
+                rows.append(f"| {users * per:,} | {lat} | {b} | {t_copy * 1e3:.2f} | {t_e * 1e3:.2f} | "
+                            f"{t_e / t_copy:.1f}x | {gb / t_e:.2f} | {t_d * 1e3:.2f} | {t_d / t_copy:.1f}x | {gb / t_d:.2f} |")
+                print(rows[-1], flush=True)
+    return rows
+
+
+def _setup(users: int, rounds: int):
+    ds = mj.data.load_digits(0)
+    clients = mj.data.make_clients(ds, users, 0)
+    model = mj.models.MLP((64,), ds.num_classes)
+    params0 = model.init(jax.random.key(0), jnp.zeros((1, 64)))
+    tx = optax.sgd(0.1)
+    cfg = mj.FedConfig(rounds=rounds, local_steps=10, batch_size=32, seed=0)
+    return ds, clients, model, params0, tx, cfg
+
+
+def fedavg_table(users: int, rounds: int) -> list[str]:
+    """Rounds/s of the vmapped jitted round vs the per-client Python loop (a jitted step per batch)."""
+    ds, clients, model, params0, tx, cfg = _setup(users, rounds)
+    x, y, n = np.asarray(clients.x), np.asarray(clients.y), np.asarray(clients.n)
+
+    @jax.jit
+    def sgd_step(p, o, xb, yb):
+        g = jax.grad(functools.partial(cross_entropy, model.apply))(p, xb, yb)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o
+
+    def loop_round(params, t):
+        rng = np.random.default_rng(t)
+        ups, ws = [], []
+        for k in range(users):
+            p, o = params, tx.init(params)
+            for _ in range(cfg.local_steps):
+                idx = rng.integers(0, max(n[k], 1), cfg.batch_size)
+                p, o = sgd_step(p, o, x[k, idx], y[k, idx])
+            ups.append(jax.tree.map(lambda a, b: a - b, p, params))
+            ws.append(n[k])
+        w = np.asarray(ws, np.float32) / np.sum(ws)
+        agg = jax.tree.map(lambda *u: sum(wk * uk for wk, uk in zip(w, u)), *ups)
+        return jax.tree.map(lambda a, b: a + b, params, agg)
+
+    def loop_train():
+        p = params0
+        for t in range(rounds):
+            p = loop_round(p, t)
+        return p
+
+    ours = lambda: mj.train(model.apply, tx, params0, clients, cfg).params  # noqa: E731
+    t_ours, t_loop = best(ours, repeats=3), best(loop_train, repeats=1)
+    return ["| users | rounds | medu_jax (rounds/s) | per-client loop (rounds/s) | speed-up |", "|---:|---:|---:|---:|---:|",
+            f"| {users} | {rounds} | {rounds / t_ours:.1f} | {rounds / t_loop:.2f} | {t_loop / t_ours:.1f}x |"]
+
+
+def replay_table(users: int, rounds: int) -> list[str]:
+    ds, clients, model, params0, tx, cfg = _setup(users, rounds)
+    bad = list(range(users - 4, users))
+    run = mj.train(model.apply, tx, params0, clients, cfg, {"medu": mj.medu(0.5, 0.3, "A2", 2), "float32": mj.identity()})
+    retrain = lambda: mj.train(model.apply, tx, params0, clients, cfg, exclude=bad).params  # noqa: E731
+    t_re = best(retrain, repeats=3)
+    rows = ["| history | replay (ms) | speed-up | replay + 2 tuning rounds (ms) | speed-up |", "|---|---:|---:|---:|---:|"]
+    for name, h in run.histories.items():
+        t_rp = best(lambda: mj.unlearn(h, bad))
+        t_ft = best(lambda: mj.finetune(model.apply, tx, mj.unlearn(h, bad), clients, cfg, bad, 2))
+        rows.append(f"| {name} | {t_rp * 1e3:.1f} | {t_re / t_rp:.1f}x | {t_ft * 1e3:.1f} | {t_re / t_ft:.1f}x |")
+    rows.append(f"| (retrain from scratch: {t_re * 1e3:.0f} ms, {rounds} rounds, {users} users) | | | | |")
+    return rows
+
+
+def bytes_table(user_counts: list[int], rounds: int) -> list[str]:
+    """Stored bytes after ``rounds`` rounds of synthetic updates of the digits MLP, vs float32."""
+    _, _, model, params0, _, _ = _setup(2, 1)
+    rows = ["| users | rounds | float32 history (B) | MEDU history (B) | ratio |", "|---:|---:|---:|---:|---:|"]
+    for k in user_counts:
+        comp = mj.medu(0.5, 0.3, "A2", 2)
+        tmpl = jax.tree.map(lambda p: jnp.zeros((k, *p.shape), p.dtype), params0)
+        state = comp.init(tmpl)
+        enc = jax.jit(comp.encode)
+        total = 0
+        for t in range(rounds):
+            ups = jax.tree.map(lambda p: 0.01 * jax.random.normal(jax.random.fold_in(jax.random.key(t), p.size),
+                                                                 (k, *p.shape)), params0)
+            msg, state, *_ = enc(ups, state, mj.compressor_key(0, t))
+            total += record_nbytes(compact(msg))
+        f32 = rounds * k * sum(p.size for p in jax.tree.leaves(params0)) * 4
+        rows.append(f"| {k} | {rounds} | {f32:,} | {total:,} | {f32 / total:.1f}x |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", type=float, default=[1e6, 1e7], help="entries per stacked update")
+    ap.add_argument("--users", type=int, default=16, help="users in the stacked update of the codec table")
+    ap.add_argument("--lattices", nargs="+", default=["Z", "A2", "D4", "E8"])
+    ap.add_argument("--bits", nargs="+", type=int, default=[2, 4])
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results.md"))
+    args = ap.parse_args(argv)
+    dev = jax.devices()[0]
+    head = [f"# medu_jax benchmarks", "",
+            f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__} on "
+            f"{dev.platform} ({getattr(dev, 'device_kind', '')}); python {sys.version.split()[0]}; "
+            f"{time.strftime('%Y-%m-%d')}", ""]
+    out = head + ["## Codec vs a float32 copy", ""] + codec_table([int(s) for s in args.sizes], args.users,
+                                                                   args.lattices, args.bits)
+    out += ["", "## FedAvg: vmapped clients vs a per-client Python loop", ""] + fedavg_table(20, 10)
+    out += ["", "## Unlearning vs retraining (digits, 20 users, 4 removed, 60 rounds)", ""] + replay_table(20, 60)
+    out += ["", "## History bytes as users grow (digits MLP, 4,810 parameters, 10 rounds)", ""]
+    out += bytes_table([1, 10, 100, 1000], 10)
+    text = "\n".join(out) + "\n"
+    with open(args.out, "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
