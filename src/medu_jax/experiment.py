@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from medu_jax import attacks, baselines as B, compressors as C, data as D, metrics, store as S
@@ -258,3 +259,98 @@ def format_table(result: dict) -> str:
 
 def to_json(result: dict) -> str:
     return json.dumps(result, indent=2, default=float)
+
+
+@dataclasses.dataclass
+class SampleUnlearningConfig:
+    """Sample-level unlearning on one user's side (ZO-GA vs first-order GA), after FedAvg training."""
+
+    dataset: str = "digits"
+    data_path: str | None = None
+    num_users: int = 10
+    rounds: int = 30
+    local_steps: int = 10
+    batch_size: int = 32
+    lr: float = 0.1
+    hidden: tuple = (64,)
+    seed: int = 0
+    user: int = 0
+    forget_fraction: float = 0.3
+    steps: int = 10
+    ga_lr: float = 0.005
+    mu: float = 1e-3
+    q: int = 8
+
+    def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}: choose one of {DATASETS}")
+        if not 0 <= self.user < self.num_users:
+            raise ValueError(f"user must be in [0, {self.num_users}), got {self.user}")
+        if not 0.0 < self.forget_fraction < 1.0:
+            raise ValueError(f"forget_fraction must be in (0, 1), got {self.forget_fraction}")
+        if int(self.q) < 1 or int(self.steps) < 0:
+            raise ValueError("q must be >= 1 and steps >= 0")
+        self.hidden = tuple(self.hidden)
+
+
+def run_sample_unlearning(cfg: SampleUnlearningConfig) -> dict[str, Any]:
+    """Trains FedAvg, forgets a fraction of one user's samples with ZO-GA and first-order GA on that user's
+    side, retrains without those samples as the reference; returns rows of forget/retain/test accuracy, the
+    tug-of-war score ToW = (1-|dFA|)(1-|dRA|)(1-|dTA|) against retraining, time and peak step memory."""
+    from medu_jax import zoga
+
+    ds = load_dataset(cfg)  # type: ignore[arg-type]  (same dataset fields as ExperimentConfig)
+    key = jax.random.fold_in(jax.random.key(cfg.seed), 7)
+    shards = D.partition_iid(len(ds.y_train), cfg.num_users, key)
+    mine = shards[cfg.user][np.asarray(jax.random.permutation(jax.random.fold_in(key, 1), len(shards[cfg.user])))]
+    n_forget = max(1, int(round(cfg.forget_fraction * len(mine))))
+    forget_idx, keep_idx = np.sort(mine[:n_forget]), np.sort(mine[n_forget:])
+    retain_all = np.setdiff1d(np.arange(len(ds.y_train)), forget_idx)
+    clients = D.to_client_data(ds.x_train, ds.y_train, shards)
+    clients_wo = D.to_client_data(ds.x_train, ds.y_train, [keep_idx if k == cfg.user else s for k, s in enumerate(shards)])
+    model = MLP(cfg.hidden, ds.num_classes)
+    params0 = model.init(jax.random.key(cfg.seed), jnp.zeros((1, *ds.x_train.shape[1:])))
+    tx = optax.sgd(cfg.lr)
+    fed = FedConfig(cfg.rounds, cfg.local_steps, cfg.batch_size, 1.0, 1.0, cfg.seed)
+    trained = train(model.apply, tx, params0, clients, fed).params
+    w_ref = train(model.apply, tx, params0, clients_wo, fed).params
+    loss = zoga.classification_loss(model.apply)
+    forget = (jnp.asarray(ds.x_train[forget_idx]), jnp.asarray(ds.y_train[forget_idx]))
+
+    def accs(w) -> dict:
+        acc = lambda idx: metrics.accuracy(model.apply, w, ds.x_train[idx], ds.y_train[idx])  # noqa: E731
+        return {"forget_acc": acc(forget_idx), "retain_acc": acc(retain_all),
+                "test_acc": metrics.accuracy(model.apply, w, ds.x_test, ds.y_test)}
+
+    ref = accs(w_ref)
+
+    def row(name, w, seconds, peak):
+        a = accs(w)
+        tow = float(np.prod([1 - abs(a[k] - ref[k]) for k in ("forget_acc", "retain_acc", "test_acc")]))
+        return {"method": name, **a, "tow": tow, "seconds": seconds, "peak_bytes": peak}
+
+    mem = zoga.memory_ratio(loss, trained, forget, cfg.q)
+    rows = [row("original (no unlearning)", trained, 0.0, 0), row("retrain without the samples", w_ref, 0.0, 0)]
+    for method, peak in (("zo", mem["zeroth_order_bytes"]), ("fo", mem["first_order_bytes"])):
+        fn = functools.partial(zoga.unlearn_samples, loss, trained, forget, jax.random.key(cfg.seed), cfg.steps,
+                               cfg.ga_lr, cfg.mu, cfg.q, method)
+        jax.block_until_ready(fn())
+        w_u = None
+        t = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            w_u = jax.block_until_ready(fn())
+            t = min(t, time.perf_counter() - t0)
+        rows.append(row(f"{method.upper()}-GA ({cfg.steps} steps)", w_u, t, peak))
+    return {"config": dataclasses.asdict(cfg), "forget_samples": int(n_forget), "rows": rows, "memory": mem}
+
+
+def format_sample_table(result: dict) -> str:
+    """The sample-unlearning table as Markdown."""
+    lines = ["| method | forget acc | retain acc | test acc | ToW vs retrain | time (s) | peak step bytes |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        peak = f"{r['peak_bytes']:,}" if r["peak_bytes"] else ""
+        lines.append(f"| {r['method']} | {100 * r['forget_acc']:.1f}% | {100 * r['retain_acc']:.1f}% | "
+                     f"{100 * r['test_acc']:.1f}% | {r['tow']:.3f} | {r['seconds']:.3f} | {peak} |")
+    return "\n".join(lines)
