@@ -136,7 +136,7 @@ METHODS = {
 }
 
 
-def load_dataset(cfg: ExperimentConfig) -> D.Dataset:
+def load_dataset(cfg: "ExperimentConfig | SampleUnlearningConfig") -> D.Dataset:
     if cfg.dataset == "digits":
         return D.load_digits(cfg.seed)
     if cfg.dataset == "mnist1d":
@@ -299,7 +299,7 @@ def run_sample_unlearning(cfg: SampleUnlearningConfig) -> dict[str, Any]:
     tug-of-war score ToW = (1-|dFA|)(1-|dRA|)(1-|dTA|) against retraining, time and peak step memory."""
     from medu_jax import zoga
 
-    ds = load_dataset(cfg)  # type: ignore[arg-type]  (same dataset fields as ExperimentConfig)
+    ds = load_dataset(cfg)
     key = jax.random.fold_in(jax.random.key(cfg.seed), 7)
     shards = D.partition_iid(len(ds.y_train), cfg.num_users, key)
     mine = shards[cfg.user][np.asarray(jax.random.permutation(jax.random.fold_in(key, 1), len(shards[cfg.user])))]

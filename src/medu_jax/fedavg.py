@@ -31,20 +31,23 @@ PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
 
 
-def weighted_mean(updates: PyTree, mask: jax.Array, weights: jax.Array) -> PyTree:
-    """Sum_k w_k m_k x_k / Sum_k w_k m_k over the user axis; zeros when no user is kept."""
+def _normalized(weights: jax.Array, mask: jax.Array) -> jax.Array:
+    """w_k m_k / sum_k w_k m_k, or zeros when no user is kept."""
     w = weights * mask
     total = jnp.sum(w)
-    w = jnp.where(total > 0, w / jnp.where(total > 0, total, 1.0), 0.0)
+    return jnp.where(total > 0, w / jnp.where(total > 0, total, 1.0), 0.0)
+
+
+def weighted_mean(updates: PyTree, mask: jax.Array, weights: jax.Array) -> PyTree:
+    """Sum_k w_k m_k x_k / Sum_k w_k m_k over the user axis; zeros when no user is kept."""
+    w = _normalized(weights, mask)
     return jax.tree.map(lambda x: jnp.tensordot(w.astype(x.dtype), x, axes=1), updates)
 
 
 def ordered_weighted_mean(updates: PyTree, mask: jax.Array, weights: jax.Array) -> PyTree:
     """``weighted_mean`` summed client by client in index order (a ``lax.scan``): the same bits whatever the
     device layout of the clients, so sharded training reproduces single-device training exactly."""
-    w = weights * mask
-    total = jnp.sum(w)
-    w = jnp.where(total > 0, w / jnp.where(total > 0, total, 1.0), 0.0)
+    w = _normalized(weights, mask)
 
     def add(acc, xs):
         wk, xk = xs

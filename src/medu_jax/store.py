@@ -75,7 +75,7 @@ def _rebuild(paths: list[str], leaves: list) -> PyTree:
 
 def _write(group, name: str, a: np.ndarray) -> int:
     a = np.ascontiguousarray(a)
-    arr = group.create_array(name, shape=a.shape, dtype=a.dtype, chunks=a.shape if a.size else None,
+    arr = group.create_array(name, shape=a.shape, dtype=a.dtype, chunks=tuple(max(1, d) for d in a.shape),
                              compressors=_codecs(), overwrite=True)
     if a.size:
         arr[...] = a
