@@ -70,7 +70,7 @@ class ExperimentConfig:
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}: choose one of {DATASETS}")
         if self.dataset == "mnist" and not self.data_path:
-            raise ValueError("dataset 'mnist' needs data_path (a folder of IDX files or an .npz)")
+            raise ValueError("dataset 'mnist' needs data_path (--data-path): a folder of the four IDX files or an .npz")
         if isinstance(self.unlearn_methods, str):
             self.unlearn_methods = tuple(m.strip() for m in self.unlearn_methods.split(",") if m.strip())
         bad = [m for m in self.unlearn_methods if m not in UNLEARN_METHODS]

@@ -245,7 +245,8 @@ def _open_stores(store: str, resume: bool, histories: dict, states: dict, params
     paths = {name: os.path.join(store, name) for name in histories}
     existing = [p for p in paths.values() if os.path.exists(p)]
     if not resume and existing:
-        raise FileExistsError(f"history store {existing[0]!r} exists: pass resume=True to continue it, or a new folder")
+        raise FileExistsError(f"history store {existing[0]!r} exists: continue it with resume=True (medu: --resume) "
+                              "or choose a new folder")
     if not (resume and existing):
         os.makedirs(store, exist_ok=True)
         return params0, 0, {n: S.HistoryWriter(p, histories[n]) for n, p in paths.items()}
