@@ -96,9 +96,19 @@ def main(argv: list[str] | None = None) -> int:
     zo.add_argument("--q", type=int, default=8, help="SPSA directions per step")
     zo.add_argument("--rounds", type=int, default=30, help="federated training rounds before unlearning")
     zo.add_argument("--seed", type=int, default=0)
+    rm = sub.add_parser("rum", help="forget a random subset: RUM (memorization groups) vs NegGrad+, fine-tune, "
+                                     "random labels, retraining")
+    rm.add_argument("--dataset", default="digits", help="digits, mnist1d or mnist (with --data-path)")
+    rm.add_argument("--data-path", help="MNIST IDX folder or .npz file")
+    rm.add_argument("--proxy", default="confidence", help="confidence, max_confidence, entropy or binary_accuracy")
+    rm.add_argument("--steps", type=int, default=30, help="unlearning steps per memorization group")
+    rm.add_argument("--epochs", type=int, default=20, help="training epochs")
+    rm.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "zoga":
         return _zoga(args)
+    if args.command == "rum":
+        return _rum(args)
 
     try:
         base = _config_from_file(args.config) if getattr(args, "config", None) else ExperimentConfig()
@@ -123,6 +133,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         for p in _write_outputs(result, args.out):
             print(f"wrote {p}")
+    return 0
+
+
+def _rum(args) -> int:
+    from medu_jax.experiment import RUMConfig, format_rum_table, run_rum
+
+    try:
+        result = run_rum(RUMConfig(dataset=args.dataset, data_path=args.data_path, proxy=args.proxy,
+                                   steps=args.steps, epochs=args.epochs, seed=args.seed))
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"medu: error: {e}", file=sys.stderr)
+        return 2
+    print(format_rum_table(result))
+    print(f"\nforget set: {result['forget']} samples, memorization groups {result['groups']}")
     return 0
 
 
