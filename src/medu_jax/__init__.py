@@ -4,7 +4,7 @@ FedAvg keeps a lossy-compressed history of every user's updates (user sparsifica
 thresholding, dithered lattice coding); unlearning replays that history without the removed users.
 """
 
-from medu_jax import attacks, baselines, data, metrics, models, rum, store, zoga
+from medu_jax import attacks, baselines, data, metrics, models, rum, s3t, store, zoga
 from medu_jax.compressors import (
     Compressor,
     Message,
@@ -31,5 +31,5 @@ __all__ = [
     "A2", "ClientData", "Compressor", "D4", "E8", "FedConfig", "History", "HistoryFileError", "Lattice", "Message", "QuantizerSpec",
     "Stats", "Z", "attacks", "baselines", "chain", "check_updates", "client_mesh", "compressor_key", "corrected_replay", "data", "dequantize",
     "differential_threshold", "fed_round", "finetune", "get_lattice", "identity", "lattice_coding", "load_history", "medu",
-    "metrics", "models", "pack_bits", "quantize", "replay", "rum", "save_history", "shard_clients", "store", "train", "unlearn", "unpack_bits", "user_sparsification", "zoga",
+    "metrics", "models", "pack_bits", "quantize", "replay", "rum", "s3t", "save_history", "shard_clients", "store", "train", "unlearn", "unpack_bits", "user_sparsification", "zoga",
 ]

@@ -104,7 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     rm.add_argument("--steps", type=int, default=30, help="unlearning steps per memorization group")
     rm.add_argument("--epochs", type=int, default=20, help="training epochs")
     rm.add_argument("--seed", type=int, default=0)
+    st = sub.add_parser("s3t", help="S3T shards/slices/orders: deletions served by prefix checkpoints vs SISA")
+    st.add_argument("--dataset", default="digits", help="digits, mnist1d or mnist (with --data-path)")
+    st.add_argument("--data-path", help="MNIST IDX folder or .npz file")
+    st.add_argument("--shards", type=int, default=4)
+    st.add_argument("--slices", type=int, default=4)
+    st.add_argument("--orders", type=int, default=2, help="slice orders per shard (1 = SISA)")
+    st.add_argument("--deletions", type=int, default=8)
+    st.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command == "s3t":
+        return _s3t(args)
     if args.command == "zoga":
         return _zoga(args)
     if args.command == "rum":
@@ -133,6 +143,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         for p in _write_outputs(result, args.out):
             print(f"wrote {p}")
+    return 0
+
+
+def _s3t(args) -> int:
+    from medu_jax.experiment import S3TConfig, format_s3t_table, run_s3t
+
+    try:
+        result = run_s3t(S3TConfig(dataset=args.dataset, data_path=args.data_path, shards=args.shards,
+                                   slices=args.slices, orders=args.orders, deletions=args.deletions, seed=args.seed))
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"medu: error: {e}", file=sys.stderr)
+        return 2
+    print(format_s3t_table(result))
     return 0
 
 
