@@ -94,10 +94,18 @@ def test_sample_unlearning_table_and_cli(capsys):
     from medu_jax import cli
     from medu_jax.experiment import SampleUnlearningConfig, run_sample_unlearning
 
-    res = run_sample_unlearning(SampleUnlearningConfig(num_users=4, rounds=3, local_steps=2, steps=3, q=2))
+    res = run_sample_unlearning(SampleUnlearningConfig(num_users=4, num_malicious=1, rounds=3, local_steps=2, steps=3,
+                                                       q=2, tune_rounds=1))
     names = [r["method"] for r in res["rows"]]
-    assert names == ["original (no unlearning)", "retrain without the samples", "ZO-GA (3 steps)", "FO-GA (3 steps)"]
+    assert names == ["original (no unlearning)", "retrain without users and samples",
+                     "MEDU removes users [3] (replay + 1 tuning rounds)", "MEDU + ZO-GA (3 steps)",
+                     "MEDU + FO-GA (3 steps)"]
     assert res["rows"][1]["tow"] == 1.0 and all(0 <= r["tow"] <= 1 for r in res["rows"])
-    assert res["memory"]["first_order_bytes"] > 0 and res["rows"][2]["peak_bytes"] == res["memory"]["zeroth_order_bytes"]
+    assert res["memory"]["first_order_bytes"] > 0 and res["rows"][3]["peak_bytes"] == res["memory"]["zeroth_order_bytes"]
+    plain = run_sample_unlearning(SampleUnlearningConfig(num_users=3, num_malicious=0, rounds=2, local_steps=1,
+                                                         steps=1, q=1))
+    assert [r["method"] for r in plain["rows"]][2:] == ["ZO-GA (1 steps)", "FO-GA (1 steps)"]
+    with pytest.raises(ValueError, match="honest user"):
+        SampleUnlearningConfig(num_users=4, num_malicious=2, user=3)
     assert cli.main(["zoga", "--dataset", "imagenet"]) == 2
     assert "unknown dataset" in capsys.readouterr().err

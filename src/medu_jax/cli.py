@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--store", help="folder for the durable history stores (zarr); unlearning reads them back")
         p.add_argument("--resume", action="store_true", help="continue the training saved in --store")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
-    zo = sub.add_parser("zoga", help="forget part of one user's samples: ZO-GA vs first-order GA vs retraining")
+    zo = sub.add_parser("zoga", help="MEDU removes backdoor users, then one user forgets samples with ZO-GA / "
+                                     "first-order GA; vs retraining")
     zo.add_argument("--dataset", default="digits", help="digits, mnist1d or mnist (with --data-path)")
     zo.add_argument("--data-path", help="MNIST IDX folder or .npz file")
     zo.add_argument("--steps", type=int, default=10, help="gradient-ascent steps")
@@ -185,7 +186,8 @@ def _zoga(args) -> int:
         return 2
     print(format_sample_table(result))
     m = result["memory"]
-    print(f"\nforgot {result['forget_samples']} samples of user {cfg.user}; peak step memory first-order / ZO = "
+    print(f"\nremoved users {result['malicious']} with the MEDU history, then forgot {result['forget_samples']} "
+          f"samples of user {cfg.user}; peak step memory first-order / ZO = "
           f"{m['ratio']:.2f}x (XLA memory analysis)")
     return 0
 
