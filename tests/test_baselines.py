@@ -97,6 +97,10 @@ def test_crab_rolls_back_to_the_first_round_a_removed_user_joined():
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(w))
     with pytest.raises(ValueError, match="remove set is empty"):
         B.crab(crab, [], model.apply, tx, clients, cfg)
+    with pytest.raises(ValueError, match="fedrecover: the remove set is empty"):
+        B.fedrecover(run.histories["f32"], [], model.apply, tx, clients, cfg)
+    with pytest.raises(ValueError, match="cal_steps"):
+        B.federaser(run.histories["every2"], [1], model.apply, tx, clients, cfg, cal_steps=0)
     with pytest.raises(ValueError, match="unknown user ids"):
         B.federaser(run.histories["every2"], [K + 3], model.apply, tx, clients, cfg)
 

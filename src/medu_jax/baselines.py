@@ -30,6 +30,13 @@ from medu_jax.unlearn import _init_state, _replay, _step_corrected, corrected_st
 PyTree = Any
 
 
+def _nonempty(remove: Iterable[int], method: str) -> list:
+    remove = list(remove)
+    if not remove:
+        raise ValueError(f"{method}: the remove set is empty")
+    return remove
+
+
 def _masks(history: History, remove: Iterable[int]):
     k = history.num_users
     excl = np.isin(np.arange(k), check_user_ids(remove, k))
@@ -42,7 +49,7 @@ def fedrecover(history: History, remove: Iterable[int], apply_fn, tx, data: Clie
     """FedRecover-style recovery: the first ``warmup`` rounds and every ``period``-th round (0: none) are exact
     rounds of the remaining users from the unlearned model; the others are L-BFGS-corrected stored updates;
     then ``tune`` exact rounds."""
-    remove = list(remove)
+    remove = _nonempty(remove, "fedrecover")
     excl, ones = _masks(history, remove)
     exact = frozenset(i for i in range(history.num_rounds) if i < warmup or (period and (i + 1) % period == 0))
 
@@ -76,12 +83,15 @@ def _rounds(history: History):
         yield i, ids[i], jax.tree.map(lambda a: a[0], history.expand([i]))
 
 
-def _calibrated(history: History, remove, apply_fn, tx, data, cfg, cal_steps: int, start: int, w: PyTree,
-                state, records) -> PyTree:
+def _calibrated(history: History, remove, apply_fn, tx, data, cfg, cal_steps: int, start: int, w: PyTree) -> PyTree:
+    """Decodes every record in order (closed loop) and, from record ``start`` on, applies calibrated steps."""
+    if int(cal_steps) < 1:
+        raise ValueError(f"cal_steps must be >= 1, got {cal_steps}")
     excl, ones = _masks(history, remove)
+    state = _init_state(history.compressor, history.like)
     cal_cfg = dataclasses.replace(cfg, local_steps=int(cal_steps))
     weights = jnp.asarray(history.weights, jnp.float32)
-    for i, t, msg in records:
+    for i, t, msg in _rounds(history):
         decoded, valid, state = _decode(history.compressor, msg, state, compressor_key(history.seed, t))
         if i >= start:
             w = _calibrated_step(apply_fn, tx, cal_cfg, w, data, t, excl, ones, decoded, valid, weights,
@@ -92,14 +102,9 @@ def _calibrated(history: History, remove, apply_fn, tx, data, cfg, cal_steps: in
 def federaser(history: History, remove: Iterable[int], apply_fn, tx, data: ClientData, cfg: FedConfig,
               cal_steps: int = 2) -> PyTree:
     """FedEraser-style calibrated replay over every round the history kept (build it with Selection(every=N))."""
-    remove = list(remove)
-    if not remove:
-        raise ValueError("federaser: the remove set is empty")
-    if int(cal_steps) < 1:
-        raise ValueError(f"cal_steps must be >= 1, got {cal_steps}")
-    state = _init_state(history.compressor, history.like)
+    remove = _nonempty(remove, "federaser")
     w = jax.tree.map(jnp.asarray, history.params0)
-    return _calibrated(history, remove, apply_fn, tx, data, cfg, cal_steps, 0, w, state, _rounds(history))
+    return _calibrated(history, remove, apply_fn, tx, data, cfg, cal_steps, 0, w)
 
 
 def influence_start(history: History, remove: Iterable[int]) -> int:
@@ -118,12 +123,8 @@ def crab(history: History, remove: Iterable[int], apply_fn, tx, data: ClientData
     """Crab-style unlearning: roll back to the checkpoint before the removed users' influence started, then
     calibrated recovery over the kept rounds from there (build the history with Selection(checkpoints=True),
     optionally min_change / user_fraction for Crab's informative rounds and users)."""
-    remove = list(remove)
-    if not remove:
-        raise ValueError("crab: the remove set is empty")
+    remove = _nonempty(remove, "crab")
     start = influence_start(history, remove)
     if start == history.num_rounds:  # the removed users never mattered in the kept rounds
         return replay(history, remove)
-    w = history.checkpoint(start)
-    state = _init_state(history.compressor, history.like)
-    return _calibrated(history, remove, apply_fn, tx, data, cfg, cal_steps, start, w, state, _rounds(history))
+    return _calibrated(history, remove, apply_fn, tx, data, cfg, cal_steps, start, history.checkpoint(start))

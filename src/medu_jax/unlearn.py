@@ -102,7 +102,8 @@ def _init_state(compressor: Compressor, like):
 
 
 def _default_chunk(history: History, budget_bytes: int = 256 << 20) -> int:
-    """Rounds per replay chunk so that the chunk's decoded float32 updates take about ``budget_bytes``."""
+    """Rounds per replay chunk so that a chunk's expanded messages (at most float32-sized) take about
+    ``budget_bytes`` on the device."""
     per_round = history.num_users * history.num_params * 4
     return max(1, min(history.num_rounds, budget_bytes // max(per_round, 1)))
 
