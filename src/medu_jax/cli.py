@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "rum":
         return _rum(args)
 
-    try:
+    def experiment():
         base = _config_from_file(args.config) if getattr(args, "config", None) else ExperimentConfig()
         overrides = {
             k: v for k, v in {
@@ -131,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
                 "resume": args.resume or None,
             }.items() if v is not None
         }
-        cfg = ExperimentConfig.from_dict({**base.__dict__, **overrides})
-        result = run_experiment(cfg, progress=not args.quiet)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
-        print(f"medu: error: {e}", file=sys.stderr)
-        return 2
+        return run_experiment(ExperimentConfig.from_dict({**base.__dict__, **overrides}), progress=not args.quiet)
+
+    result, code = _guarded(experiment)
+    if code:
+        return code
     print(format_table(result))
     print(
         f"\nfloat32 history would take {result['float32_bytes']:,} bytes; training took {result['train_seconds']:.1f} s"
@@ -147,15 +147,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError)
+
+
+def _guarded(run, *args):
+    """(result, exit code): a user error is printed as one line and gives exit code 2."""
+    try:
+        return run(*args), 0
+    except USER_ERRORS as e:
+        print(f"medu: error: {e}", file=sys.stderr)
+        return None, 2
+
+
 def _s3t(args) -> int:
     from medu_jax.experiment import S3TConfig, format_s3t_table, run_s3t
 
-    try:
-        result = run_s3t(S3TConfig(dataset=args.dataset, data_path=args.data_path, shards=args.shards,
-                                   slices=args.slices, orders=args.orders, deletions=args.deletions, seed=args.seed))
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"medu: error: {e}", file=sys.stderr)
-        return 2
+    result, code = _guarded(lambda: run_s3t(S3TConfig(
+        dataset=args.dataset, data_path=args.data_path, shards=args.shards, slices=args.slices, orders=args.orders,
+        deletions=args.deletions, seed=args.seed)))
+    if code:
+        return code
     print(format_s3t_table(result))
     return 0
 
@@ -163,12 +174,11 @@ def _s3t(args) -> int:
 def _rum(args) -> int:
     from medu_jax.experiment import RUMConfig, format_rum_table, run_rum
 
-    try:
-        result = run_rum(RUMConfig(dataset=args.dataset, data_path=args.data_path, proxy=args.proxy,
-                                   steps=args.steps, epochs=args.epochs, seed=args.seed))
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"medu: error: {e}", file=sys.stderr)
-        return 2
+    result, code = _guarded(lambda: run_rum(RUMConfig(
+        dataset=args.dataset, data_path=args.data_path, proxy=args.proxy, steps=args.steps, epochs=args.epochs,
+        seed=args.seed)))
+    if code:
+        return code
     print(format_rum_table(result))
     print(f"\nforget set: {result['forget']} samples, memorization groups {result['groups']}")
     return 0
@@ -177,17 +187,15 @@ def _rum(args) -> int:
 def _zoga(args) -> int:
     from medu_jax.experiment import SampleUnlearningConfig, format_sample_table, run_sample_unlearning
 
-    try:
-        cfg = SampleUnlearningConfig(dataset=args.dataset, data_path=args.data_path, steps=args.steps,
-                                     ga_lr=args.ga_lr, q=args.q, rounds=args.rounds, seed=args.seed)
-        result = run_sample_unlearning(cfg)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"medu: error: {e}", file=sys.stderr)
-        return 2
+    result, code = _guarded(lambda: run_sample_unlearning(SampleUnlearningConfig(
+        dataset=args.dataset, data_path=args.data_path, steps=args.steps, ga_lr=args.ga_lr, q=args.q,
+        rounds=args.rounds, seed=args.seed)))
+    if code:
+        return code
     print(format_sample_table(result))
     m = result["memory"]
     print(f"\nremoved users {result['malicious']} with the MEDU history, then forgot {result['forget_samples']} "
-          f"samples of user {cfg.user}; peak step memory first-order / ZO = "
+          f"samples of user {result['config']['user']}; peak step memory first-order / ZO = "
           f"{m['ratio']:.2f}x (XLA memory analysis)")
     return 0
 

@@ -30,6 +30,14 @@ UNLEARN_METHODS = ("naive", "corrected", "fedrecover", "federaser", "crab")
 DATASETS = ("digits", "mnist1d", "mnist")
 
 
+def check_dataset(dataset: str, data_path: str | None) -> None:
+    """Validates a data set choice (shared by every experiment config)."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}: choose one of {DATASETS}")
+    if dataset == "mnist" and not data_path:
+        raise ValueError("dataset 'mnist' needs data_path (--data-path): a folder of the four IDX files or an .npz")
+
+
 @dataclasses.dataclass
 class ExperimentConfig:
     """Everything an experiment needs; JSON-able (``medu run --config file.json`` reads these keys)."""
@@ -67,10 +75,7 @@ class ExperimentConfig:
     resume: bool = False
 
     def __post_init__(self):
-        if self.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}: choose one of {DATASETS}")
-        if self.dataset == "mnist" and not self.data_path:
-            raise ValueError("dataset 'mnist' needs data_path (--data-path): a folder of the four IDX files or an .npz")
+        check_dataset(self.dataset, self.data_path)
         if isinstance(self.unlearn_methods, str):
             self.unlearn_methods = tuple(m.strip() for m in self.unlearn_methods.split(",") if m.strip())
         bad = [m for m in self.unlearn_methods if m not in UNLEARN_METHODS]
@@ -286,8 +291,7 @@ class SampleUnlearningConfig:
     tune_rounds: int = 2
 
     def __post_init__(self):
-        if self.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}: choose one of {DATASETS}")
+        check_dataset(self.dataset, self.data_path)
         if not 0 <= self.num_malicious < self.num_users - 1:
             raise ValueError(f"num_malicious must be in [0, num_users - 1), got {self.num_malicious}")
         if not 0 <= self.user < self.num_users - self.num_malicious:
@@ -400,8 +404,7 @@ class RUMConfig:
     def __post_init__(self):
         from medu_jax.rum import PROXIES
 
-        if self.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}: choose one of {DATASETS}")
+        check_dataset(self.dataset, self.data_path)
         if self.proxy not in PROXIES:
             raise ValueError(f"unknown proxy {self.proxy!r}: choose one of {PROXIES}")
         if not 0.0 < self.forget_fraction < 1.0 or int(self.steps) < 1 or int(self.epochs) < 1:
@@ -490,8 +493,7 @@ class S3TConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}: choose one of {DATASETS}")
+        check_dataset(self.dataset, self.data_path)
         if not 1 <= self.orders <= self.slices:
             raise ValueError(f"orders must be in 1..slices={self.slices}, got {self.orders}")
         if self.shards < 1 or self.deletions < 0:
