@@ -209,17 +209,14 @@ def _encode_fn(compressor: Compressor):
     return jax.jit(compressor.encode)
 
 
-def _tree_norm(tree: PyTree) -> float:
-    return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree))))
-
-
 def _select(sel: Selection, t: int, prev: PyTree, new: PyTree, ups: PyTree, active, last: PyTree | None):
     """The users round t keeps under ``sel`` ((K,) bool), or None when the round is not kept."""
     if t % sel.every:
         return None
     if sel.min_change > 0 and last is not None:
-        moved = _tree_norm(jax.tree.map(lambda a, b: a - b, prev, last)) / max(_tree_norm(last), 1e-30)
-        if moved < sel.min_change:
+        from medu_jax.metrics import relative_distance  # metrics -> attacks -> fedavg: import here, not at the top
+
+        if relative_distance(prev, last) < sel.min_change:
             return None
     active = np.asarray(active, bool)
     if sel.user_fraction >= 1.0 or not active.any():
