@@ -149,10 +149,21 @@ def load_dataset(cfg: "ExperimentConfig | SampleUnlearningConfig") -> D.Dataset:
     return D.load_mnist(cfg.data_path)
 
 
-def _best_time(fn, *args) -> float:
+def _time_once(fn, *args) -> tuple[Any, float]:
+    """(result, wall seconds) of one call, waiting for the device."""
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - t0
+    out = jax.block_until_ready(fn(*args))
+    return out, time.perf_counter() - t0
+
+
+def _warm_timed(fn, repeats: int) -> tuple[Any, float]:
+    """(result, best seconds of ``repeats`` calls) after one warm-up (compiling) call."""
+    jax.block_until_ready(fn())
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        out, t = _time_once(fn)
+        best = min(best, t)
+    return out, best
 
 
 def _timed_against(fn, reference, *args, repeats: int = 5) -> tuple[Any, float, float]:
@@ -161,8 +172,8 @@ def _timed_against(fn, reference, *args, repeats: int = 5) -> tuple[Any, float, 
     out = jax.block_until_ready(fn(*args))
     best, best_ref = float("inf"), float("inf")
     for _ in range(repeats):
-        best_ref = min(best_ref, _best_time(reference))
-        best = min(best, _best_time(fn, *args))
+        best_ref = min(best_ref, _time_once(reference)[1])
+        best = min(best, _time_once(fn, *args)[1])
     return out, best, best_ref
 
 
@@ -194,7 +205,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict[str, An
         histories.update({m: S.load_history(os.path.join(cfg.store, m), params0) for m in cfg.methods})
     retrain = lambda: train(apply_fn, tx, params0, clients, fed, exclude=bad, update_scale=scale).params  # noqa: E731
     w_retrain = jax.block_until_ready(retrain())
-    t_retrain = _best_time(retrain)  # warm
+    t_retrain = _time_once(retrain)[1]  # warm
 
     def evaluate(params) -> dict:
         row = {"accuracy": metrics.accuracy(apply_fn, params, ds.x_test, ds.y_test)}
@@ -360,13 +371,7 @@ def run_sample_unlearning(cfg: SampleUnlearningConfig) -> dict[str, Any]:
     for method, peak in (("zo", mem["zeroth_order_bytes"]), ("fo", mem["first_order_bytes"])):
         fn = functools.partial(zoga.unlearn_samples, loss, start, forget, jax.random.key(cfg.seed), cfg.steps,
                                cfg.ga_lr, cfg.mu, cfg.q, method)
-        jax.block_until_ready(fn())
-        w_u = None
-        t = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            w_u = jax.block_until_ready(fn())
-            t = min(t, time.perf_counter() - t0)
+        w_u, t = _warm_timed(fn, 3)
         rows.append(row(f"{prefix}{method.upper()}-GA ({cfg.steps} steps)", w_u, t, peak))
     return {"config": dataclasses.asdict(cfg), "forget_samples": int(n_forget), "malicious": bad, "rows": rows,
             "memory": mem}
@@ -458,10 +463,8 @@ def run_rum(cfg: RUMConfig) -> dict[str, Any]:
     rows = [{"method": "original (no unlearning)", **accs(w), "seconds": 0.0},
             {"method": "retrain without the forget set", **ref, "seconds": 0.0}]
     for name, fn in methods.items():
-        jax.block_until_ready(fn())
-        t0 = time.perf_counter()
-        p = jax.block_until_ready(fn())
-        rows.append({"method": name, **accs(p), "seconds": time.perf_counter() - t0})
+        p, t = _warm_timed(fn, 1)
+        rows.append({"method": name, **accs(p), "seconds": t})
     for r in rows:
         r["tow"] = R.tug_of_war(r, ref)
     sizes = [len(g) for g in groups]
