@@ -178,3 +178,31 @@ def test_float64_and_low_precision_leaves():
 def test_bad_quantizer_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         QuantizerSpec(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["Z", "E8"])
+def test_coder_rows_are_the_packed_per_user_quantizer_codes(name):
+    # the batched coder (vmapped, with a fusion boundary before packing) and the 1-D quantizer give the same bits
+    from medu_jax.compressors import LatticeCoding, Like
+    from medu_jax.packing import pack_bits
+
+    coder = LatticeCoding(name, 3)
+    x = {"w": jax.random.normal(jax.random.key(0), (3, 37)), "b": jax.random.normal(jax.random.key(1), (3, 5))}
+    users = jnp.array([4, 0, 7])
+    rows, overload = jax.jit(lambda v: coder.encode(v, jax.random.key(2), Like.of(v), users))(x)
+    layout = coder.layout(Like.of(x))
+    assert int(overload) >= 0
+    for i, u in enumerate(users):
+        segments = [leaf[i].reshape(-1) for leaf in jax.tree.leaves(x)]
+        q = dither_mod.quantize_segments(segments, jax.random.fold_in(jax.random.key(2), u), coder.spec, layout)
+        np.testing.assert_array_equal(np.asarray(rows["words"][i]), np.asarray(pack_bits(q.codes, 3)))
+        np.testing.assert_array_equal(np.asarray(rows["scales"][i]), np.asarray(q.scales))
+
+
+def test_materialize_is_a_fusion_boundary_that_the_cpu_compiler_keeps():
+    # if XLA folded the conditional away, the quantizer would again be fused into (and recomputed by) the packer
+    f = jax.jit(lambda x, t: dither_mod.materialize(x * 2.0 + 1.0, t).sum())
+    x = jnp.arange(10.0)
+    assert float(f(x, jnp.int32(3))) == float((x * 2 + 1).sum())
+    hlo = f.lower(x, jnp.int32(3)).compile().as_text()
+    assert "conditional(" in hlo

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medu_jax.dither import QuantizerSpec, _compute_dtype, dequantize_segments, quantize_segments
+from medu_jax.dither import QuantizerSpec, _compute_dtype, dequantize_segments, materialize, quantize_segments
 from medu_jax.lattices import Lattice
 from medu_jax.packing import pack_bits, unpack_bits
 
@@ -249,7 +249,8 @@ class LatticeCoding:
         keys = jax.vmap(lambda u: jax.random.fold_in(key, u))(users)
         flat = [leaf.reshape(k, -1).astype(cdt) for leaf in leaves]
         q = jax.vmap(lambda xs, kk: quantize_segments(xs, kk, spec, layout))(flat, keys)
-        return {"words": pack_bits(q.codes, spec.bits), "scales": q.scales}, jnp.sum(q.overload)
+        overload = jnp.sum(q.overload)
+        return {"words": pack_bits(materialize(q.codes, overload), spec.bits), "scales": q.scales}, overload
 
     def decode(self, rows, key, like: Like, users: Array):
         spec, layout, cdt = self.spec, self.layout(like), self._dtype(like)

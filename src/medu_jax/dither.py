@@ -309,12 +309,37 @@ def dequantize_segments(codes: Array, scales: Array, key: Array, spec: Quantizer
     return out
 
 
+def materialize(tree, token: Array):
+    """``tree`` unchanged, written to memory before its consumers run, on CPU (elsewhere a no-op).
+
+    XLA CPU fuses the quantizer, a chain of cheap elementwise operations, into its consumers (the bit-packing
+    reduction) and recomputes it for every use there, unvectorised: Z encode+pack of 1M entries took 27 ms
+    instead of 3. A conditional is a fusion boundary; ``token`` (any int32 scalar >= 0, e.g. an overload
+    count) makes its predicate opaque to the compiler, so the always-taken branch is not folded away.
+    On GPU the fused reduction is what we want, so nothing is inserted there.
+    """
+
+    def boundary(t):
+        return jax.lax.cond(token >= 0, lambda a: a, lambda a: jax.tree.map(jnp.zeros_like, a), t)
+
+    return jax.lax.platform_dependent(tree, cpu=boundary, default=lambda t: t)
+
+
+def _one_row(fn, *args):
+    """fn (vmappable) applied to a batch of one and unbatched: XLA CPU compiles the quantizer's concatenation
+    of lattice coordinates far better with a leading batch axis (A2 encode of 1M entries: 6 ms vs 138 ms;
+    E8 decode: 4 ms vs 102 ms). Same bits."""
+    out = jax.vmap(fn)(*(a[None] for a in args))
+    return jax.tree.map(lambda a: a[0], out)
+
+
 def quantize(x: Array, key: Array, spec: QuantizerSpec) -> Quantized:
     """Encodes a 1-D vector (any float dtype) into R-bit codes with the dither derived from ``key``."""
-    return quantize_segments([x.astype(_compute_dtype(x.dtype))], key, spec, spec.layout(x.shape[0]))
+    layout = spec.layout(x.shape[0])
+    return _one_row(lambda v: quantize_segments([v], key, spec, layout), x.astype(_compute_dtype(x.dtype)))
 
 
 def dequantize(codes: Array, scales: Array, key: Array, spec: QuantizerSpec, n: int, dtype=jnp.float32) -> Array:
     """Decodes codes (padded length,) and scales into a vector of n entries of ``dtype``."""
-    (x,) = dequantize_segments(codes, scales, key, spec, spec.layout(n), _compute_dtype(dtype))
-    return x.astype(dtype)
+    layout, cdt = spec.layout(n), _compute_dtype(dtype)
+    return _one_row(lambda c, s: dequantize_segments(c, s, key, spec, layout, cdt)[0], codes, scales).astype(dtype)
