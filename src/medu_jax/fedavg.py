@@ -118,14 +118,15 @@ def cross_entropy(apply_fn: ApplyFn, params: PyTree, x: jax.Array, y: jax.Array)
 def local_update(apply_fn, tx, params, x, y, n, key, local_steps: int, batch_size: int) -> PyTree:
     """One client's update w_k - w after ``local_steps`` optax steps on batches from its first n samples."""
 
-    def step(carry, k):
+    def step(carry, idx):
         p, o = carry
-        idx = jax.random.randint(k, (batch_size,), 0, jnp.maximum(n, 1))
         g = jax.grad(functools.partial(cross_entropy, apply_fn))(p, x[idx], y[idx])
         upd, o = tx.update(g, o, p)
         return (optax.apply_updates(p, upd), o), None
 
-    (p, _), _ = jax.lax.scan(step, (params, tx.init(params)), jax.random.split(key, local_steps))
+    # every step's batch indices drawn up front (one vectorised draw, same numbers as drawing them step by step)
+    draw = jax.vmap(lambda k: jax.random.randint(k, (batch_size,), 0, jnp.maximum(n, 1)))
+    (p, _), _ = jax.lax.scan(step, (params, tx.init(params)), draw(jax.random.split(key, local_steps)))
     return jax.tree.map(lambda a, b: a - b, p, params)
 
 
