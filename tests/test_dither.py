@@ -205,4 +205,4 @@ def test_materialize_is_a_fusion_boundary_that_the_cpu_compiler_keeps():
     x = jnp.arange(10.0)
     assert float(f(x, jnp.int32(3))) == float((x * 2 + 1).sum())
     hlo = f.lower(x, jnp.int32(3)).compile().as_text()
-    assert "conditional(" in hlo
+    assert ("conditional(" in hlo) == (jax.default_backend() == "cpu")  # elsewhere a no-op

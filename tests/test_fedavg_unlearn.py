@@ -57,6 +57,23 @@ def test_vmapped_round_equals_a_per_client_loop():
     assert bool(active.all()) and not bool(rejected.any())
 
 
+def test_local_update_equals_a_step_by_step_sgd_loop():
+    # the documented sampling: step s trains on randint(split(key, E)[s], (B,), 0, n), drawn one step at a time here
+    ds, clients, model, params0, tx, cfg = setup()
+    key, k = jax.random.key(11), 2
+    n = int(clients.n[k])
+    p = params0
+    for ks in jax.random.split(key, cfg.local_steps):
+        idx = np.asarray(jax.random.randint(ks, (cfg.batch_size,), 0, n))
+        g = jax.grad(lambda q: optax.softmax_cross_entropy_with_integer_labels(
+            model.apply(q, clients.x[k][idx]), clients.y[k][idx]).mean())(p)
+        p = jax.tree.map(lambda a, b: a - 0.1 * b, p, g)
+    u = local_update(model.apply, tx, params0, clients.x[k], clients.y[k], clients.n[k], key, cfg.local_steps,
+                     cfg.batch_size)
+    for a, b, w0 in zip(jax.tree.leaves(u), jax.tree.leaves(p), jax.tree.leaves(params0)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b) - np.asarray(w0), rtol=1e-5, atol=1e-6)
+
+
 def test_same_seed_same_bits_and_history():
     ds, clients, model, params0, tx, cfg = setup()
     a = mj.train(model.apply, tx, params0, clients, cfg, {"m": mj.medu(0.5, 0.2, "A2", 3)})
