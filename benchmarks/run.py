@@ -18,16 +18,22 @@ import platform
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+# one host-platform device per core, so the sharded FedAvg row can put clients on every core (single-device rows
+# use device 0 as usual; on a GPU machine the GPUs stay the default devices)
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={os.cpu_count() or 1}").strip()
 
-import medu_jax as mj
-from medu_jax.compressors import Like
-from medu_jax.experiment import _timed_against
-from medu_jax.fedavg import cross_entropy
-from medu_jax.history import compact, record_nbytes
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import medu_jax as mj  # noqa: E402
+from medu_jax.compressors import Like  # noqa: E402
+from medu_jax.experiment import _timed_against  # noqa: E402
+from medu_jax.fedavg import cross_entropy  # noqa: E402
+from medu_jax.history import compact, record_nbytes  # noqa: E402
 
 
 def best(fn, *args, repeats: int = 5) -> float:
@@ -75,8 +81,9 @@ def _setup(users: int, rounds: int, hidden=(64,), local_steps: int = 10, batch_s
     return ds, clients, model, params0, tx, cfg
 
 
-def fedavg_row(users: int, rounds: int, hidden, local_steps: int, batch_size: int) -> str:
-    """Rounds/s of the vmapped jitted round vs the per-client Python loop (a jitted step per batch)."""
+def fedavg_row(users: int, rounds: int, hidden, local_steps: int, batch_size: int, sharded: bool = False) -> str:
+    """Rounds/s of the vmapped jitted round (on one device, or ``sharded`` over all devices) vs the per-client
+    Python loop (a jitted step per batch)."""
     ds, clients, model, params0, tx, cfg = _setup(users, rounds, hidden, local_steps, batch_size)
     x, y, n = np.asarray(clients.x), np.asarray(clients.y), np.asarray(clients.n)
 
@@ -106,19 +113,26 @@ def fedavg_row(users: int, rounds: int, hidden, local_steps: int, batch_size: in
             p = loop_round(p, t)
         return p
 
-    ours = lambda: mj.train(model.apply, tx, params0, clients, cfg).params  # noqa: E731
+    mesh = mj.client_mesh() if sharded else None
+    ours = lambda: mj.train(model.apply, tx, params0, clients, cfg, mesh=mesh).params  # noqa: E731
     jax.block_until_ready(loop_train())  # compiles the loop's step; _timed_against warms ``ours`` itself
     _, t_ours, t_loop = _timed_against(ours, loop_train, repeats=3)
-    return (f"| {users} | MLP{tuple(hidden)} | {local_steps} x {batch_size} | {rounds / t_ours:.1f} | "
+    where = f"{len(jax.devices())} {jax.devices()[0].platform} devices, sharded" if sharded else "1 device"
+    return (f"| {users} | MLP{tuple(hidden)} | {local_steps} x {batch_size} | {where} | {rounds / t_ours:.1f} | "
             f"{rounds / t_loop:.2f} | {t_loop / t_ours:.1f}x |")
 
 
 def fedavg_table(rounds: int) -> list[str]:
-    """Three regimes: the demo's (compute-bound on CPU) and many small clients (the loop is dispatch-bound)."""
-    rows = ["| users | model | local steps x batch | medu_jax (rounds/s) | per-client loop (rounds/s) | speed-up |",
-            "|---:|---|---|---:|---:|---:|"]
-    for users, hidden, steps, batch in ((20, (64,), 10, 32), (100, (32,), 5, 16), (200, (16,), 5, 8)):
-        rows.append(fedavg_row(users, rounds, hidden, steps, batch))
+    """Three regimes: the demo's (compute-bound on CPU) and many small clients (the loop is dispatch-bound); the
+    last again with the clients sharded over every device (one per CPU core here) when there are several."""
+    rows = ["| users | model | local steps x batch | medu_jax on | medu_jax (rounds/s) | per-client loop (rounds/s) "
+            "| speed-up |", "|---:|---|---|---|---:|---:|---:|"]
+    runs = [(20, (64,), 10, 32, False), (100, (32,), 5, 16, False), (200, (16,), 5, 8, False)]
+    n_dev = len(jax.devices())
+    if n_dev > 1:
+        runs.append((200 - 200 % n_dev, (16,), 5, 8, True))
+    for users, hidden, steps, batch, sharded in runs:
+        rows.append(fedavg_row(users, rounds, hidden, steps, batch, sharded))
         print(rows[-1], flush=True)
     return rows
 

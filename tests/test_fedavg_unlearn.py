@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, strategies as st
 
 import medu_jax as mj
 from medu_jax import data as D
-from medu_jax.fedavg import fed_round, local_update
+from medu_jax.fedavg import fed_round, local_update, pairwise_sum
 from medu_jax.models import MLP
 from medu_jax.unlearn import lbfgs_hvp
 
@@ -55,6 +56,24 @@ def test_vmapped_round_equals_a_per_client_loop():
     for w0, w1, u in zip(leaves64(params0), leaves64(new), leaves64(ups)):
         np.testing.assert_allclose(w1, w0 + np.tensordot(p, u, axes=1), rtol=1e-5, atol=1e-6)
     assert bool(active.all()) and not bool(rejected.any())
+
+
+def _np_pairwise(x: np.ndarray) -> np.ndarray:
+    """Reference: recursive halving in float32, odd counts padded with a zero row."""
+    if len(x) == 1:
+        return x[0]
+    if len(x) % 2:
+        x = np.concatenate([x, np.zeros_like(x[:1])])
+    return _np_pairwise((x[0::2] + x[1::2]).astype(np.float32))
+
+
+@given(k=st.integers(1, 37), cols=st.integers(1, 9), scale=st.sampled_from([0.0, 1e-30, 1.0, 1e30]),
+       seed=st.integers(0, 2**16))
+def test_pairwise_sum_is_the_documented_order(k, cols, scale, seed):
+    x = (np.random.default_rng(seed).standard_normal((k, cols)) * scale).astype(np.float32)
+    got = np.asarray(pairwise_sum(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, _np_pairwise(x))  # exactly this order, so bits are layout-free
+    np.testing.assert_allclose(got, x.astype(np.float64).sum(0), rtol=1e-5, atol=1e-6 * scale * k)
 
 
 def test_local_update_equals_a_step_by_step_sgd_loop():

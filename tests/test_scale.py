@@ -1,4 +1,5 @@
-"""Clients sharded over devices (8 fake CPU devices, in a subprocess) and chunked with lax.map: same bits."""
+"""Clients sharded over devices (8 fake CPU devices, in a subprocess) and chunked with lax.map: same bits,
+with 2 clients per device (device-local pairwise sums) and 3 (the weighted updates are gathered)."""
 
 import subprocess
 import sys
@@ -34,6 +35,11 @@ SCRIPT = textwrap.dedent(
     assert same(one.params, shard.params), "sharded params differ"
     for n in comps:
         assert all(same(a, b) for a, b in zip(one.histories[n].records, shard.histories[n].records)), n
+    # 24 clients: 3 per device, so the weighted updates themselves are gathered for the pairwise sum
+    c24 = mj.data.make_clients(ds, 24, 0)
+    one = mj.train(model.apply, tx, p0, c24, mj.FedConfig(**{**cfg.__dict__, "client_chunk": 3}), comps)
+    shard = mj.train(model.apply, tx, p0, c24, cfg, comps, mesh=mesh)
+    assert same(one.params, shard.params), "sharded params differ (3 clients per device)"
     sharded = mj.shard_clients(clients, mesh)
     assert len(sharded.x.sharding.device_set) == 8
     try:

@@ -44,17 +44,34 @@ def weighted_mean(updates: PyTree, mask: jax.Array, weights: jax.Array) -> PyTre
     return jax.tree.map(lambda x: jnp.tensordot(w.astype(x.dtype), x, axes=1), updates)
 
 
-def ordered_weighted_mean(updates: PyTree, mask: jax.Array, weights: jax.Array) -> PyTree:
-    """``weighted_mean`` summed client by client in index order (a ``lax.scan``): the same bits whatever the
-    device layout of the clients, so sharded training reproduces single-device training exactly."""
-    w = _normalized(weights, mask)
+def pairwise_sum(x: jax.Array) -> jax.Array:
+    """Sum over the leading axis in a fixed pairwise order ((x0 + x1) + (x2 + x3)) + ...: log2(K) vectorised
+    adds whose bits do not depend on how the K rows are laid out over devices (and more accurate than a
+    running sum)."""
+    while x.shape[0] > 1:
+        if x.shape[0] % 2:
+            x = jnp.concatenate([x, jnp.zeros((1, *x.shape[1:]), x.dtype)])
+        x = x[0::2] + x[1::2]
+    return x[0]
 
-    def add(acc, xs):
-        wk, xk = xs
-        return jax.tree.map(lambda a, x: a + wk.astype(x.dtype) * x, acc, xk), None
 
-    zero = jax.tree.map(lambda x: jnp.zeros(x.shape[1:], x.dtype), updates)
-    return jax.lax.scan(add, zero, (w, updates))[0]
+def _flat_weighted(weights: jax.Array, ups: PyTree) -> jax.Array:
+    """(K, d + 1) rows [w_k x_k (all leaves raveled), w_k]: one array to sum, so one collective per round."""
+    k, leaves = weights.shape[0], jax.tree.leaves(ups)
+    dt = jnp.result_type(jnp.float32, *[u.dtype for u in leaves])  # float32 or wider accumulation
+    w = weights.astype(dt)
+    rows = [(w.reshape((k,) + (1,) * (u.ndim - 1)) * u.astype(dt)).reshape(k, -1) for u in leaves]
+    return jnp.concatenate(rows + [w[:, None]], axis=1)
+
+
+def _mean_from_sum(total: jax.Array, like: PyTree) -> PyTree:
+    """Splits [sum_k w_k x_k, sum_k w_k] back into the pytree of the weighted mean (zeros when the weight is 0)."""
+    s, wsum = total[:-1], total[-1]
+    mean = jnp.where(wsum > 0, s / jnp.where(wsum > 0, wsum, 1.0), 0.0)
+    leaves, treedef = jax.tree.flatten(like)
+    sizes = np.cumsum([int(np.prod(u.shape[1:])) for u in leaves])[:-1]
+    parts = jnp.split(mean, sizes)
+    return jax.tree.unflatten(treedef, [q.reshape(u.shape[1:]).astype(u.dtype) for q, u in zip(parts, leaves)])
 
 
 def check_user_ids(ids: Iterable[int], num_users: int, what: str = "remove") -> np.ndarray:
@@ -163,9 +180,12 @@ def fed_round(apply_fn, tx, cfg: FedConfig, params, data: ClientData, t, exclude
     Updates of excluded, non-participating or empty clients are zero and inactive. A client whose update holds
     NaN/inf is rejected: left out of the aggregate and of the history (so it cannot poison either), and
     reported in ``rejected``. With a ``mesh`` each device trains its share of the clients (``shard_map`` over
-    the 'clients' axis) and the updates are gathered and summed in client order: the result has the same bits
-    as one device running the clients in chunks of K / devices (``client_chunk``); XLA does not promise equal
-    bits for different batch sizes, so plain vmap over all K may differ in the last bits.
+    the 'clients' axis) and keeps their updates (sharded output). The aggregate is always the ``pairwise_sum``
+    of the weighted updates in client order, so it has the same bits on any layout; with 2^j clients per device
+    the tree's first j levels run on each device and only one d-sized sum per device is gathered (otherwise the
+    weighted updates are). A sharded run has the same bits as one device running the clients in chunks of
+    K / devices (``client_chunk``); XLA does not promise equal bits for local training at different batch
+    sizes, so plain vmap over all K may differ in the last bits.
     """
     k = data.num_clients
     rk = jax.random.fold_in(jax.random.key(cfg.seed), t)
@@ -180,21 +200,35 @@ def fed_round(apply_fn, tx, cfg: FedConfig, params, data: ClientData, t, exclude
 
         return jax.vmap(one)(args) if cfg.client_chunk is None else jax.lax.map(one, args, batch_size=cfg.client_chunk)
 
+    def checked(ups, scale, part):  # per client: scale, reject non-finite, zero the inactive
+        kk = scale.shape[0]
+        ups = jax.tree.map(lambda u: u * scale.reshape((kk,) + (1,) * (u.ndim - 1)).astype(u.dtype), ups)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(u.reshape(kk, -1)), axis=1) for u in jax.tree.leaves(ups)]), 0)
+        active = part & finite
+        return tree_where(active, ups, jax.tree.map(jnp.zeros_like, ups)), active, part & ~finite
+
+    def step(p, agg):
+        return jax.tree.map(lambda a, b: a + (cfg.server_lr * b).astype(a.dtype), p, agg)
+
     args = (data.x, data.y, data.n, keys)
     if mesh is None:
-        ups = clients(params, args)
-    else:  # each device trains its own clients; then the updates are gathered and summed in a fixed order
-        # check_vma=False: with the varying-axes check on, jax 0.10 computed wrong local updates (random ops)
-        ups = jax.shard_map(clients, mesh=mesh, in_specs=(P(), P(CLIENTS)), out_specs=P(CLIENTS),
-                            check_vma=False)(params, args)
-        ups = jax.lax.with_sharding_constraint(ups, NamedSharding(mesh, P()))
-    ups = jax.tree.map(lambda u: u * update_scale.reshape((k,) + (1,) * (u.ndim - 1)).astype(u.dtype), ups)
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(u.reshape(k, -1)), axis=1) for u in jax.tree.leaves(ups)]), 0)
-    active = part & finite
-    ups = tree_where(active, ups, jax.tree.map(jnp.zeros_like, ups))
-    agg = ordered_weighted_mean(ups, active, data.n.astype(jnp.float32))
-    new = jax.tree.map(lambda p, a: p + (cfg.server_lr * a).astype(p.dtype), params, agg)
-    return new, ups, active, part & ~finite
+        ups, active, rejected = checked(clients(params, args), update_scale, part)
+        total = pairwise_sum(_flat_weighted(data.n.astype(jnp.float32) * active, ups))
+        return step(params, _mean_from_sum(total, ups)), ups, active, rejected
+
+    def device(p, a, scale, part_l):  # one device: its K / D clients, whose updates stay there
+        ups, active_l, rejected = checked(clients(p, a), scale, part_l)
+        rows = _flat_weighted(a[2].astype(jnp.float32) * active_l, ups)
+        if rows.shape[0] & (rows.shape[0] - 1) == 0:  # 2^j clients per device: the pairwise tree's first j
+            total = pairwise_sum(jax.lax.all_gather(pairwise_sum(rows), CLIENTS))  # levels are device-local
+        else:
+            total = pairwise_sum(jax.lax.all_gather(rows, CLIENTS, tiled=True))
+        return step(p, _mean_from_sum(total, ups)), ups, active_l, rejected
+
+    # check_vma=False: with the varying-axes check on, jax 0.10 computed wrong local updates (random ops)
+    c = P(CLIENTS)
+    return jax.shard_map(device, mesh=mesh, in_specs=(P(), c, c, c), out_specs=(P(), c, c, c), check_vma=False)(
+        params, args, update_scale, part)
 
 
 class TrainResult(NamedTuple):
