@@ -178,17 +178,19 @@ class History:
             return np.unpackbits(np.stack([r[name] for r in recs]), axis=1)[:, :k].astype(bool)
 
         present = masks("present")
+        counts = present.sum(axis=1)
         nested: dict = {}
         for n in (n for n in (recs[0] if recs else {}) if n.startswith("flag:")):
             layer, name = n[len("flag:") :].split("/", 1)
-            nested.setdefault(layer, {})[name] = jnp.asarray(masks(n))
+            nested.setdefault(layer, {})[name] = masks(n)
         rows = []
         for i, sd in enumerate(row_leaves):
             full = np.zeros((len(recs), *sd.shape), sd.dtype)
             for t, r in enumerate(recs):
-                full[t, : int(present[t].sum())] = r[f"row:{i}"]
-            rows.append(jnp.asarray(full))
-        return Message(jnp.asarray(masks("active")), jnp.asarray(present), nested, row_def.unflatten(rows))
+                full[t, : counts[t]] = r[f"row:{i}"]
+            rows.append(full)
+        # built on the host, moved to the device in one transfer
+        return jax.device_put(Message(masks("active"), present, nested, row_def.unflatten(rows)))
 
     def summary(self) -> dict:
         """Sizes in bytes and the ratio to float32 history."""

@@ -132,10 +132,10 @@ def _replay(history: History, remove: Iterable[int], chunk: int | None, step, ex
         raise ValueError("the history holds no rounds to replay")
     k = history.num_users
     removed = check_user_ids(remove, k)
-    keep = jnp.asarray(~np.isin(np.arange(k), removed))
-    carry = (jax.tree.map(jnp.asarray, history.params0), extra)
+    keep, params0, weights = jax.device_put((~np.isin(np.arange(k), removed), history.params0,
+                                             np.asarray(history.weights, np.float32)))
+    carry = (params0, extra)
     state = _init_state(history.compressor, history.like)
-    weights = jnp.asarray(history.weights, jnp.float32)
     t_total = history.num_rounds
     chunk = _default_chunk(history) if chunk is None else max(1, min(int(chunk), t_total))
     exact_rounds, exact_fn = exact if exact is not None else (frozenset(), None)
@@ -145,7 +145,7 @@ def _replay(history: History, remove: Iterable[int], chunk: int | None, step, ex
         pad = (1 if idx[0] in exact_rounds else chunk) - len(idx)
         if pad:  # pad the last chunk with inactive rounds so one compiled program serves all chunks
             msgs = jax.tree.map(lambda a: jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]), msgs)
-        rounds = jnp.asarray([ids[i] for i in idx] + [max(ids) + 1] * pad, jnp.int32)
+        rounds = jax.device_put(np.asarray([ids[i] for i in idx] + [max(ids) + 1] * pad, np.int32))
         before = carry[0]
         carry, state = _replay_chunk(
             history.compressor, step, carry, state, msgs, rounds, keep, weights, history.seed, history.server_lr,
