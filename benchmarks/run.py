@@ -150,8 +150,8 @@ def replay_table(users: int, rounds: int, local_steps: tuple[int, ...]) -> list[
         for name, h in run.histories.items():
             tune = lambda: mj.finetune(model.apply, tx, mj.unlearn(h, bad), clients, cfg, bad, 2)  # noqa: E731
             # retraining runs the training program already compiled above, so it is warm
-            _, t_rp, t_re = _timed_against(lambda: mj.unlearn(h, bad), retrain, repeats=3)
-            _, t_ft, t_re2 = _timed_against(tune, retrain, repeats=3)
+            _, t_rp, t_re = _timed_against(lambda: mj.unlearn(h, bad), retrain, repeats=7)
+            _, t_ft, t_re2 = _timed_against(tune, retrain, repeats=7)
             t_re = min(t_re, t_re2)
             rows.append(f"| {steps} x {cfg.batch_size} | {name} | {t_re * 1e3:.0f} | {t_rp * 1e3:.1f} | "
                         f"{t_re / t_rp:.1f}x | {t_ft * 1e3:.1f} | {t_re / t_ft:.1f}x |")
