@@ -76,6 +76,11 @@ def test_pairwise_sum_is_the_documented_order(k, cols, scale, seed):
     np.testing.assert_allclose(got, x.astype(np.float64).sum(0), rtol=1e-5, atol=1e-6 * scale * k)
 
 
+def test_pairwise_sum_of_nothing_is_an_error():
+    with pytest.raises(ValueError, match="length 0"):
+        pairwise_sum(jnp.zeros((0, 3)))
+
+
 def test_local_update_equals_a_step_by_step_sgd_loop():
     # the documented sampling: step s trains on randint(split(key, E)[s], (B,), 0, n), drawn one step at a time here
     ds, clients, model, params0, tx, cfg = setup()

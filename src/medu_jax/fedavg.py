@@ -48,6 +48,8 @@ def pairwise_sum(x: jax.Array) -> jax.Array:
     """Sum over the leading axis in a fixed pairwise order ((x0 + x1) + (x2 + x3)) + ...: log2(K) vectorised
     adds whose bits do not depend on how the K rows are laid out over devices (and more accurate than a
     running sum)."""
+    if x.shape[0] == 0:
+        raise ValueError("pairwise_sum: nothing to sum (the leading axis has length 0)")
     while x.shape[0] > 1:
         if x.shape[0] % 2:
             x = jnp.concatenate([x, jnp.zeros((1, *x.shape[1:]), x.dtype)])
