@@ -11,7 +11,7 @@ from hypothesis import given, strategies as st
 
 import medu_jax as mj
 from medu_jax import data as D
-from medu_jax.fedavg import fed_round, local_update, pairwise_sum
+from medu_jax.fedavg import batch_indices, fed_round, local_update, mulhi32, pairwise_sum
 from medu_jax.models import MLP
 from medu_jax.unlearn import lbfgs_hvp
 
@@ -76,19 +76,38 @@ def test_pairwise_sum_is_the_documented_order(k, cols, scale, seed):
     np.testing.assert_allclose(got, x.astype(np.float64).sum(0), rtol=1e-5, atol=1e-6 * scale * k)
 
 
+@given(a=st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=20), b=st.integers(0, 2**32 - 1))
+def test_mulhi32_is_the_exact_high_word(a, b):
+    a64 = np.asarray(a, np.uint64)
+    want = ((a64 * np.uint64(b)) >> np.uint64(32)).astype(np.uint32)  # exact: a * b < 2^64
+    np.testing.assert_array_equal(np.asarray(mulhi32(jnp.asarray(a64.astype(np.uint32)), jnp.uint32(b))), want)
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 7, 1000, 2**31 - 1])
+def test_batch_indices_are_in_range_and_uniform(n):
+    idx = np.asarray(batch_indices(jax.random.key(n), n, 50, 400))
+    assert idx.shape == (50, 400) and idx.dtype == np.int32
+    assert idx.min() >= 0 and idx.max() < max(n, 1)
+    if 1 < n <= 7:  # chi-square against uniform, 20,000 draws: p < 1e-4 would fail
+        counts = np.bincount(idx.ravel(), minlength=n)
+        chi2 = float(((counts - idx.size / n) ** 2 / (idx.size / n)).sum())
+        assert chi2 < {3: 18.4, 7: 27.9}[n], counts
+    other = np.asarray(batch_indices(jax.random.key(n + 1), n, 50, 400))
+    assert n <= 1 or not np.array_equal(idx, other)  # the key matters
+
+
 def test_pairwise_sum_of_nothing_is_an_error():
     with pytest.raises(ValueError, match="length 0"):
         pairwise_sum(jnp.zeros((0, 3)))
 
 
 def test_local_update_equals_a_step_by_step_sgd_loop():
-    # the documented sampling: step s trains on randint(split(key, E)[s], (B,), 0, n), drawn one step at a time here
+    # the documented sampling: step s trains on row s of batch_indices(key, n, E, B)
     ds, clients, model, params0, tx, cfg = setup()
     key, k = jax.random.key(11), 2
     n = int(clients.n[k])
     p = params0
-    for ks in jax.random.split(key, cfg.local_steps):
-        idx = np.asarray(jax.random.randint(ks, (cfg.batch_size,), 0, n))
+    for idx in np.asarray(batch_indices(key, n, cfg.local_steps, cfg.batch_size)):
         g = jax.grad(lambda q: optax.softmax_cross_entropy_with_integer_labels(
             model.apply(q, clients.x[k][idx]), clients.y[k][idx]).mean())(p)
         p = jax.tree.map(lambda a, b: a - 0.1 * b, p, g)

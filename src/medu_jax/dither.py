@@ -158,15 +158,17 @@ def _fmix32(h: Array) -> Array:
     return h ^ (h >> 16)
 
 
-def uniform01(key: Array, n: int, dtype=jnp.float32, offset: int = 0) -> Array:
-    """n numbers uniform on [0, 1): a counter hashed with two 32-bit seeds drawn from ``key``.
-
-    Counter-based and a dozen integer operations per number, so the dither costs about as much as reading
-    the data; the seeds come from the jax.random key, so streams are derived by fold_in and never stored.
-    ``offset`` starts the counter there (numbers offset .. offset + n - 1 of the stream).
-    """
+def hash_bits(key: Array, n: int, offset: int = 0) -> Array:
+    """n uint32 words: a counter hashed with two 32-bit seeds drawn from ``key`` (words offset .. offset + n - 1
+    of the stream). Counter-based and a dozen integer operations per word, where jax.random's threefry runs as a
+    rolled loop on CPU; the seeds come from the jax.random key, so streams are derived by fold_in, never stored."""
     seeds = jax.random.bits(key, (2,), jnp.uint32)
-    h = _fmix32(_fmix32(jnp.arange(offset, offset + n, dtype=jnp.uint32) + seeds[0]) ^ seeds[1])
+    return _fmix32(_fmix32(jnp.arange(offset, offset + n, dtype=jnp.uint32) + seeds[0]) ^ seeds[1])
+
+
+def uniform01(key: Array, n: int, dtype=jnp.float32, offset: int = 0) -> Array:
+    """n numbers uniform on [0, 1) from ``hash_bits``: the dither costs about as much as reading the data."""
+    h = hash_bits(key, n, offset)
     if dtype == jnp.float64:
         return h.astype(jnp.float64) * (2.0**-32)
     return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)

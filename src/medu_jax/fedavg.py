@@ -25,6 +25,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from medu_jax.compressors import Compressor, tree_where
+from medu_jax.dither import hash_bits
 from medu_jax.history import History, Selection, compressor_key
 
 PyTree = Any
@@ -134,6 +135,24 @@ def cross_entropy(apply_fn: ApplyFn, params: PyTree, x: jax.Array, y: jax.Array)
     return optax.softmax_cross_entropy_with_integer_labels(apply_fn(params, x), y).mean()
 
 
+def mulhi32(a: jax.Array, b: jax.Array) -> jax.Array:
+    """floor(a * b / 2^32) of uint32 arrays, exactly, from 16-bit limbs (no 64-bit integers needed)."""
+    a, b = a.astype(jnp.uint32), b.astype(jnp.uint32)
+    al, ah, bl, bh = a & 0xFFFF, a >> 16, b & 0xFFFF, b >> 16
+    ll, lh, hl = al * bl, al * bh, ah * bl
+    mid = (ll >> 16) + (lh & 0xFFFF) + (hl & 0xFFFF)
+    return ah * bh + (lh >> 16) + (hl >> 16) + (mid >> 16)
+
+
+def batch_indices(key: jax.Array, n: jax.Array, local_steps: int, batch_size: int) -> jax.Array:
+    """(local_steps, batch_size) int32 sample indices, uniform on [0, max(n, 1)) with replacement: counter-hash
+    words (``dither.hash_bits``) mapped by a multiply-high (Lemire), bias below n / 2^32. One vectorised draw
+    for all steps; a tenth of a round's time cheaper than jax.random.randint (threefry, rolled loops on CPU)."""
+    words = hash_bits(key, local_steps * batch_size)
+    n = jnp.maximum(jnp.asarray(n, jnp.int32), 1).astype(jnp.uint32)
+    return mulhi32(words, n).astype(jnp.int32).reshape(local_steps, batch_size)
+
+
 def local_update(apply_fn, tx, params, x, y, n, key, local_steps: int, batch_size: int) -> PyTree:
     """One client's update w_k - w after ``local_steps`` optax steps on batches from its first n samples."""
 
@@ -143,9 +162,8 @@ def local_update(apply_fn, tx, params, x, y, n, key, local_steps: int, batch_siz
         upd, o = tx.update(g, o, p)
         return (optax.apply_updates(p, upd), o), None
 
-    # every step's batch indices drawn up front (one vectorised draw, same numbers as drawing them step by step)
-    draw = jax.vmap(lambda k: jax.random.randint(k, (batch_size,), 0, jnp.maximum(n, 1)))
-    (p, _), _ = jax.lax.scan(step, (params, tx.init(params)), draw(jax.random.split(key, local_steps)))
+    idx = batch_indices(key, n, local_steps, batch_size)  # step s trains on row s
+    (p, _), _ = jax.lax.scan(step, (params, tx.init(params)), idx)
     return jax.tree.map(lambda a, b: a - b, p, params)
 
 
