@@ -237,8 +237,9 @@ def fed_round(apply_fn, tx, cfg: FedConfig, params, data: ClientData, t, exclude
         return step(params, _mean_from_sum(total, ups)), ups, active, rejected
 
     def device(p, a, scale, part_l):  # one device: its K / D clients, whose updates stay there
+        _, _, n_l, _ = a
         ups, active_l, rejected = checked(clients(p, a), scale, part_l)
-        rows = _flat_weighted(a[2].astype(jnp.float32) * active_l, ups)
+        rows = _flat_weighted(n_l.astype(jnp.float32) * active_l, ups)
         if rows.shape[0] & (rows.shape[0] - 1) == 0:  # 2^j clients per device: the pairwise tree's first j
             total = pairwise_sum(jax.lax.all_gather(pairwise_sum(rows), CLIENTS))  # levels are device-local
         else:
