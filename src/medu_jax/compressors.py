@@ -363,6 +363,17 @@ class Compressor:
         like = state["like"].value
         slots = self.slots(message.present)
         rows = self.coder.decode(message.rows, jax.random.fold_in(key, 0), like, slots)
+        return self.restore(rows, message, state)
+
+    def restore(self, rows: PyTree, message: Message, state: dict):
+        """The filter layers' half of ``decode``: the coder's decoded payload rows (``capacity`` slots, leaves
+        (slots, ...)) placed at their users and restored through the filters' closed-loop state.
+
+        Every operation is a per-user select or add, so the result is linear in ``rows``: ``replay`` relies on
+        this to get each stored row's total weight in the final model from scalar stand-ins for the rows.
+        """
+        like = state["like"].value
+        slots = self.slots(message.present)
         x = jax.tree.map(lambda r: jnp.zeros((like.num_users, *r.shape[1:]), r.dtype).at[slots].set(r, mode="drop"), rows)
         valid = message.present
         new = list(state["filters"])

@@ -166,31 +166,48 @@ class History:
         active = sum(int(np.unpackbits(r["active"])[: self.num_users].sum()) for r in self.records)
         return active * self.num_params * 4
 
-    def expand(self, rounds: range | list[int] | None = None) -> Message:
-        """Full static-shaped messages for ``rounds`` (default all), stacked on a leading round axis."""
+    def _records(self, rounds) -> list:
         recs = [self.records[t] for t in (range(self.num_rounds) if rounds is None else rounds)]
         if not recs:
             raise ValueError("expand: no rounds selected")
-        k = self.num_users
-        row_leaves, row_def = jax.tree_util.tree_flatten(self.rows_like())
+        return recs
 
-        def masks(name: str) -> np.ndarray:
+    def _masks(self, recs: list) -> tuple:
+        k = self.num_users
+
+        def unpack(name: str) -> np.ndarray:
             return np.unpackbits(np.stack([r[name] for r in recs]), axis=1)[:, :k].astype(bool)
 
-        present = masks("present")
-        counts = present.sum(axis=1)
-        nested: dict = {}
-        for n in (n for n in (recs[0] if recs else {}) if n.startswith("flag:")):
+        flags: dict = {}
+        for n in (n for n in recs[0] if n.startswith("flag:")):
             layer, name = n[len("flag:") :].split("/", 1)
-            nested.setdefault(layer, {})[name] = masks(n)
+            flags.setdefault(layer, {})[name] = unpack(n)
+        return unpack("active"), unpack("present"), flags
+
+    def masks(self, rounds: range | list[int] | None = None) -> Message:
+        """The messages of ``rounds`` (default all) without their payload (``rows`` is None): the masks and
+        flags that decide how stored rows enter the model, stacked on a leading round axis (NumPy)."""
+        return Message(*self._masks(self._records(rounds)), None)
+
+    def payload(self, rounds: range | list[int] | None = None, length: int | None = None) -> PyTree:
+        """The coder's payload rows of ``rounds`` as full static-shaped NumPy arrays (capacity slots, unused
+        slots zero) on a leading round axis, zero-padded to ``length`` rounds if given."""
+        recs = self._records(rounds)
+        length = len(recs) if length is None else int(length)
+        row_leaves, row_def = jax.tree_util.tree_flatten(self.rows_like())
         rows = []
         for i, sd in enumerate(row_leaves):
-            full = np.zeros((len(recs), *sd.shape), sd.dtype)
+            full = np.zeros((length, *sd.shape), sd.dtype)
             for t, r in enumerate(recs):
-                full[t, : counts[t]] = r[f"row:{i}"]
+                full[t, : len(r[f"row:{i}"])] = r[f"row:{i}"]
             rows.append(full)
+        return row_def.unflatten(rows)
+
+    def expand(self, rounds: range | list[int] | None = None) -> Message:
+        """Full static-shaped messages for ``rounds`` (default all), stacked on a leading round axis."""
+        recs = self._records(rounds)
         # built on the host, moved to the device in one transfer
-        return jax.device_put(Message(masks("active"), present, nested, row_def.unflatten(rows)))
+        return jax.device_put(Message(*self._masks(recs), self.payload(rounds)))
 
     def summary(self) -> dict:
         """Sizes in bytes and the ratio to float32 history."""
