@@ -199,6 +199,18 @@ def _finish(params0: PyTree, acc: list, lr) -> PyTree:
                               for x, a in zip(leaves, acc)])
 
 
+def _zeros(like) -> list:
+    """The replay accumulator: one flat float32 zero vector per leaf of the update."""
+    return [jnp.zeros((int(np.prod(s[1:], dtype=np.int64)),), jnp.float32) for s, _ in like.leaves]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _replay_whole(compressor: Compressor, like, masks, keep, weights, rows, rounds, seed, params0, lr) -> PyTree:
+    """Naive replay of a whole history in one compiled call (no chunking)."""
+    coef = row_weights(compressor, masks, keep, weights)
+    return _finish(params0, _accumulate(compressor, like, _zeros(like), rows, masks.present, coef, rounds, seed), lr)
+
+
 def replay(history: History, remove: Iterable[int] = (), chunk: int | None = None) -> PyTree:
     """Naive replay: the model from ``history``'s stored updates without the users in ``remove``.
 
@@ -213,22 +225,22 @@ def replay(history: History, remove: Iterable[int] = (), chunk: int | None = Non
     removed = check_user_ids(remove, k)
     comp, t_total = history.compressor, history.num_rounds
     chunk = _default_chunk(history) if chunk is None else max(1, min(int(chunk), t_total))
+    ids, masks = np.asarray(history.round_ids, np.int32), history.masks()
+    keep, weights = ~np.isin(np.arange(k), removed), np.asarray(history.weights, np.float32)
+    if chunk == t_total:  # one compiled call, host arrays moved in with its arguments
+        return _replay_whole(comp, history.like, masks, keep, weights, history.payload(), ids, history.seed,
+                             history.params0, history.server_lr)
     pad = -t_total % chunk  # zero-weight rounds pad the last chunk, so one compiled program serves all chunks
-    ids = np.asarray(history.round_ids, np.int32)
     ids = np.concatenate([ids, np.full(pad, ids.max() + 1, np.int32)])
-    masks = history.masks()
     present = np.pad(masks.present, ((0, pad), (0, 0)))
-    keep, weights, masks, params0 = jax.device_put((
-        ~np.isin(np.arange(k), removed), np.asarray(history.weights, np.float32), masks, history.params0))
-    coef = row_weights(comp, masks, keep, weights)
-    coef = jnp.pad(coef, ((0, pad), (0, 0))) if pad else coef
-    acc = [np.zeros((np.prod(s[1:], dtype=int),), np.float32) for s, _ in history.like.leaves]
+    coef = np.pad(np.asarray(row_weights(comp, masks, keep, weights)), ((0, pad), (0, 0)))
+    acc = _zeros(history.like)
     for start in range(0, t_total, chunk):
         stop = start + chunk
         rows = history.payload(range(start, min(stop, t_total)), length=chunk)
-        c = coef if chunk >= t_total else coef[start:stop]
-        acc = _accumulate(comp, history.like, acc, rows, present[start:stop], c, ids[start:stop], history.seed)
-    return _finish(params0, acc, history.server_lr)
+        acc = _accumulate(comp, history.like, acc, rows, present[start:stop], coef[start:stop], ids[start:stop],
+                          history.seed)
+    return _finish(history.params0, acc, history.server_lr)
 
 
 def corrected_state(history: History, memory: int) -> tuple:
