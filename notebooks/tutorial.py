@@ -84,7 +84,7 @@ for name, h in run.histories.items():
 
 # %% [markdown]
 # ## Unlearn the attackers and compare with retraining
-# `unlearn` replays the stored rounds without the removed users (one jitted `lax.scan`); two exact rounds of
+# `unlearn` replays the stored rounds without the removed users (one jitted weighted sum of the stored rows); two exact rounds of
 # the remaining users (`finetune`) remove the drift that replaying stale updates leaves.
 
 # %%
