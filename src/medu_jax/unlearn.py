@@ -98,9 +98,10 @@ def _init_state(compressor: Compressor, like):
 
 
 def _default_chunk(history: History, budget_bytes: int = 256 << 20) -> int:
-    """Rounds per replay chunk so that a chunk's expanded messages (at most float32-sized) take about
-    ``budget_bytes`` on the device."""
-    per_round = history.num_users * history.num_params * 4
+    """Rounds per replay chunk so that a chunk's transient decoded rows take about ``budget_bytes`` on the
+    device (float32 payload slots, counted three times: XLA CPU writes decoded pieces, their concatenation and
+    the scaled rows; the corrected replay's scan holds less, one round's (K, d) rows and state)."""
+    per_round = 3 * history.compressor.capacity(history.num_users) * history.num_params * 4
     return max(1, min(history.num_rounds, budget_bytes // max(per_round, 1)))
 
 
