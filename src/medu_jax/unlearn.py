@@ -78,8 +78,8 @@ def _step_corrected(carry, decoded, valid, keep, weights, lr, hyper):
 
 @functools.partial(jax.jit, static_argnames=("compressor", "step"))
 def _replay_chunk(compressor: Compressor, step, carry, state, messages: Message, rounds, keep, weights, seed, lr, hyper):
-    # decoding inside the scan body (one round at a time) measured 2.4x faster on CPU than decoding the whole
-    # chunk vmapped over rounds first: the round's codes and decoded update stay in cache
+    # decoding inside the scan body, one round at a time, measured 2.4x faster on CPU than decoding the whole
+    # chunk vmapped over rounds first when a (K, d) state is carried: the round's rows stay in cache
     def body(c, xs):
         inner, st = c
         msg, t = xs
@@ -218,7 +218,7 @@ def replay(history: History, remove: Iterable[int] = (), chunk: int | None = Non
     With ``remove`` empty this reconstructs the trained model from the history (up to compression error).
     Computed as w^0 + lr * (weighted sum of the stored rows), weights from ``row_weights``: each stored row is
     decoded once, and no per-user closed-loop state is carried over the rounds. ``chunk`` bounds how many
-    rounds are decoded on the device at once (default: about 256 MB of float32); it does not change the bits.
+    rounds are decoded on the device at once (default: about 256 MB of decoded rows); it does not change the bits.
     """
     if history.num_rounds == 0:
         raise ValueError("the history holds no rounds to replay")
