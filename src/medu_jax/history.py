@@ -169,7 +169,7 @@ class History:
     def _records(self, rounds) -> list:
         recs = [self.records[t] for t in (range(self.num_rounds) if rounds is None else rounds)]
         if not recs:
-            raise ValueError("expand: no rounds selected")
+            raise ValueError("no rounds selected (the history or the selection of rounds is empty)")
         return recs
 
     def _masks(self, recs: list) -> tuple:
@@ -192,7 +192,9 @@ class History:
     def payload(self, rounds: range | list[int] | None = None, length: int | None = None) -> PyTree:
         """The coder's payload rows of ``rounds`` as full static-shaped NumPy arrays (capacity slots, unused
         slots zero) on a leading round axis, zero-padded to ``length`` rounds if given."""
-        recs = self._records(rounds)
+        return self._payload(self._records(rounds), length)
+
+    def _payload(self, recs: list, length: int | None = None) -> PyTree:
         length = len(recs) if length is None else int(length)
         row_leaves, row_def = jax.tree_util.tree_flatten(self.rows_like())
         rows = []
@@ -207,7 +209,7 @@ class History:
         """Full static-shaped messages for ``rounds`` (default all), stacked on a leading round axis."""
         recs = self._records(rounds)
         # built on the host, moved to the device in one transfer
-        return jax.device_put(Message(*self._masks(recs), self.payload(rounds)))
+        return jax.device_put(Message(*self._masks(recs), self._payload(recs)))
 
     def summary(self) -> dict:
         """Sizes in bytes and the ratio to float32 history."""

@@ -19,7 +19,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from medu_jax.compressors import Compressor, Message
-from medu_jax.fedavg import ClientData, FedConfig, check_user_ids, fed_round, pairwise_sum, weighted_mean
+from medu_jax.fedavg import ClientData, FedConfig, check_user_ids, fed_round, weighted_mean
 from medu_jax.history import History, compressor_key
 
 PyTree = Any
