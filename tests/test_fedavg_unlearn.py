@@ -1,6 +1,7 @@
 """FedAvg, history and replay: exactness against float64 references, determinism, bad input."""
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,8 @@ from medu_jax import data as D
 from medu_jax.fedavg import batch_indices, fed_round, local_update, mulhi32, pairwise_sum
 from medu_jax.models import MLP
 from medu_jax.unlearn import lbfgs_hvp
+
+unlearn_module = importlib.import_module("medu_jax.unlearn")
 
 K = 6
 
@@ -219,12 +222,25 @@ def test_replay_matches_a_float64_sum_of_the_decoders_rounds(name, remove, chunk
 
 
 @pytest.mark.parametrize("name", ["f32", "medu"])
-def test_chunked_replay_is_bit_identical(name):
+def test_chunked_replay_is_bit_identical(name, monkeypatch):
     hist = trained().histories[name]
     full = mj.unlearn(hist, [2])
     for chunk in (1, 4):
         part = mj.unlearn(hist, [2], chunk=chunk)
         assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(part)))
+    # rounds decoded in groups inside a chunk (a scan over groups plus a remainder) give the same bits too
+    for group, chunk in ((1, None), (4, None), (4, 5)):
+        monkeypatch.setattr(unlearn_module, "_group", lambda history, g=group: g)
+        part = mj.unlearn(hist, [2], chunk=chunk)
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(part)))
+
+
+def test_replay_groups_rounds_by_the_coders_decode_footprint():
+    f32, medu = trained().histories["f32"], trained().histories["medu"]
+    assert unlearn_module._group(f32) == f32.num_rounds  # float32 rows: nothing to decode, all rounds at once
+    per_round = 16 * medu.compressor.capacity(medu.num_users) * medu.num_params
+    assert unlearn_module._group(medu, cache_bytes=10 * per_round) == 10
+    assert unlearn_module._group(medu, cache_bytes=1) == 1
 
 
 def test_medu_history_is_small_and_replays_close_to_the_trained_model():

@@ -201,6 +201,7 @@ class Identity:
 
     name: str = "identity"
     kind = "coder"
+    decode_bytes = 0  # transient bytes per decoded entry: the stored float32 rows are read in place
 
     def encode(self, x, key, like: Like, users: Array):
         rows = {"values": [leaf.astype(jnp.float32) for leaf in jax.tree.leaves(x)]}
@@ -225,6 +226,7 @@ class LatticeCoding:
     group_size: int | None = None
     name: str = "lattice"
     kind = "coder"
+    decode_bytes = 16  # transient bytes per decoded entry: codes, lattice pieces, their concatenation, scaled
 
     def __post_init__(self):
         spec = QuantizerSpec(self.lattice, self.bits, self.scale, self.clip, self.group_size)
