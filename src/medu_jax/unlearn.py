@@ -98,10 +98,11 @@ def _init_state(compressor: Compressor, like):
 
 
 def _default_chunk(history: History, budget_bytes: int = 256 << 20) -> int:
-    """Rounds per replay chunk so that a chunk's transient decoded rows take about ``budget_bytes`` on the
-    device (float32 payload slots, counted three times: XLA CPU writes decoded pieces, their concatenation and
-    the scaled rows; the corrected replay's scan holds less, one round's (K, d) rows and state)."""
-    per_round = 3 * history.compressor.capacity(history.num_users) * history.num_params * 4
+    """Rounds per replay chunk so that a chunk's expanded rows take about ``budget_bytes`` on the device: the
+    coder's transient ``decode_bytes`` per payload entry, or the float32 rows themselves (the corrected
+    replay's scan holds less, one round's (K, d) rows and state)."""
+    per_entry = max(history.compressor.coder.decode_bytes, 4)
+    per_round = per_entry * history.compressor.capacity(history.num_users) * history.num_params
     return max(1, min(history.num_rounds, budget_bytes // max(per_round, 1)))
 
 
