@@ -122,20 +122,25 @@ def _segments(total: int, chunk: int, exact: frozenset) -> list[list[int]]:
     return out + ([cur] if cur else [])
 
 
+def _setup(history: History, remove: Iterable[int], chunk: int | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """What every replay checks and derives first: (keep mask, float32 weights, rounds per chunk)."""
+    if history.num_rounds == 0:
+        raise ValueError("the history holds no rounds to replay")
+    k = history.num_users
+    keep = ~np.isin(np.arange(k), check_user_ids(remove, k))
+    chunk = _default_chunk(history) if chunk is None else max(1, min(int(chunk), history.num_rounds))
+    return keep, np.asarray(history.weights, np.float32), chunk
+
+
 def _replay(history: History, remove: Iterable[int], chunk: int | None, step, extra, hyper=(),
             exact: tuple[frozenset, Callable] | None = None) -> PyTree:
     """Replays the records in scan chunks; ``exact`` = (record indices, fn(w, round) -> w) replaces the model
     after those rounds by an exact round of the remaining users (FedRecover's warm-up and periodic rounds)."""
-    if history.num_rounds == 0:
-        raise ValueError("the history holds no rounds to replay")
-    k = history.num_users
-    removed = check_user_ids(remove, k)
-    keep, params0, weights = jax.device_put((~np.isin(np.arange(k), removed), history.params0,
-                                             np.asarray(history.weights, np.float32)))
+    keep, weights, chunk = _setup(history, remove, chunk)
+    keep, params0, weights = jax.device_put((keep, history.params0, weights))
     carry = (params0, extra)
     state = _init_state(history.compressor, history.like)
     t_total = history.num_rounds
-    chunk = _default_chunk(history) if chunk is None else max(1, min(int(chunk), t_total))
     exact_rounds, exact_fn = exact if exact is not None else (frozenset(), None)
     ids = history.round_ids
     for idx in _segments(t_total, chunk, exact_rounds):
@@ -243,17 +248,12 @@ def replay(history: History, remove: Iterable[int] = (), chunk: int | None = Non
     decoded once, and no per-user closed-loop state is carried over the rounds. ``chunk`` bounds how many
     rounds are decoded on the device at once (default: about 256 MB of decoded rows); it does not change the bits.
     """
-    if history.num_rounds == 0:
-        raise ValueError("the history holds no rounds to replay")
-    k = history.num_users
-    removed = check_user_ids(remove, k)
-    comp, t_total = history.compressor, history.num_rounds
-    chunk = _default_chunk(history) if chunk is None else max(1, min(int(chunk), t_total))
+    keep, weights, chunk = _setup(history, remove, chunk)
+    comp, t_total, group = history.compressor, history.num_rounds, _group(history)
     ids, masks = np.asarray(history.round_ids, np.int32), history.masks()
-    keep, weights = ~np.isin(np.arange(k), removed), np.asarray(history.weights, np.float32)
     if chunk == t_total:  # one compiled call, host arrays moved in with its arguments
         return _replay_whole(comp, history.like, masks, keep, weights, history.payload(), ids, history.seed,
-                             history.params0, history.server_lr, _group(history))
+                             history.params0, history.server_lr, group)
     pad = -t_total % chunk  # zero-weight rounds pad the last chunk, so one compiled program serves all chunks
     ids = np.concatenate([ids, np.full(pad, ids.max() + 1, np.int32)])
     present = np.pad(masks.present, ((0, pad), (0, 0)))
@@ -263,7 +263,7 @@ def replay(history: History, remove: Iterable[int] = (), chunk: int | None = Non
         stop = start + chunk
         rows = history.payload(range(start, min(stop, t_total)), length=chunk)
         acc = _accumulate(comp, history.like, acc, rows, present[start:stop], coef[start:stop], ids[start:stop],
-                          history.seed, _group(history))
+                          history.seed, group)
     return _finish(history.params0, acc, history.server_lr)
 
 
