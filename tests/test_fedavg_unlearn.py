@@ -131,6 +131,25 @@ def test_same_seed_same_bits_and_history():
         assert x.keys() == y.keys() and all(np.array_equal(x[n], y[n]) for n in x)
 
 
+@pytest.mark.parametrize("block", [1, 4])
+def test_rounds_per_call_does_not_change_the_bits(block):
+    """The default runs all 6 rounds (training and encoding) as one lax.scan; blocks of 1 and of 4 (then a
+    remainder of 2) must give the same params, records and logs."""
+    ds, clients, model, params0, tx, cfg = setup()
+    a = mj.train(model.apply, tx, params0, clients, cfg, {"f32": mj.identity(), "medu": mj.medu(0.5, 0.2, "A2", 3)},
+                 rounds_per_call=block)
+    b = trained()
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)))
+    for name in ("f32", "medu"):
+        for x, y in zip(a.histories[name].records, b.histories[name].records, strict=True):
+            assert x.keys() == y.keys() and all(np.array_equal(x[n], y[n]) for n in x)
+        assert a.log["overload"][name] == b.log["overload"][name]
+        assert a.log["rel_error"][name] == b.log["rel_error"][name]
+    assert a.log["rejected"] == b.log["rejected"]
+    with pytest.raises(ValueError, match="rounds_per_call"):
+        mj.train(model.apply, tx, params0, clients, cfg, rounds_per_call=0)
+
+
 def test_excluding_users_leaves_the_others_randomness_unchanged():
     ds, clients, model, params0, tx, cfg = setup()
     ones = jnp.ones((K,))
@@ -262,6 +281,21 @@ def test_removing_users_moves_the_model_towards_retraining():
     d_before = mj.metrics.relative_distance(tr.params, ref)
     d_after = mj.metrics.relative_distance(mj.unlearn(tr.histories["f32"], remove), ref)
     assert d_after < d_before
+
+
+def test_finetune_is_exact_rounds_of_the_remaining_users_after_the_schedule():
+    ds, clients, model, params0, tx, cfg = setup()
+    w = mj.replay(trained().histories["medu"], [1])
+    excl = jnp.asarray(np.isin(np.arange(K), [1]))
+    ref = w
+    for t in (cfg.rounds, cfg.rounds + 1):  # round keys continue after training
+        ref, ups, _, _ = fed_round(model.apply, tx, cfg, ref, clients, t, excl, jnp.ones((K,)))
+        assert all(np.all(np.asarray(u[1]) == 0) for u in jax.tree.leaves(ups))
+    out = mj.finetune(model.apply, tx, w, clients, cfg, [1], 2)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(ref)))
+    assert mj.finetune(model.apply, tx, w, clients, cfg, [1], 0) is w
+    with pytest.raises(ValueError, match="unknown user ids"):
+        mj.finetune(model.apply, tx, w, clients, cfg, [K], 1)
 
 
 def test_corrected_replay_without_removal_is_naive_replay():

@@ -33,6 +33,9 @@ SCRIPT = textwrap.dedent(
     assert all(np.allclose(u, v, atol=1e-6) for u, v in zip(jax.tree.leaves(one.params),
                                                             jax.tree.leaves(shard_vmap.params)))
     assert same(one.params, shard.params), "sharded params differ"
+    by_round = mj.train(model.apply, tx, p0, clients, mj.FedConfig(**{**cfg.__dict__, "client_chunk": 2}), comps,
+                        mesh=mesh, rounds_per_call=1)
+    assert same(by_round.params, shard.params), "sharded rounds one by one differ from one scanned block"
     for n in comps:
         assert all(same(a, b) for a, b in zip(one.histories[n].records, shard.histories[n].records)), n
     # 24 clients: 3 per device, so the weighted updates themselves are gathered for the pairwise sum

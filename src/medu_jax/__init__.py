@@ -18,7 +18,7 @@ from medu_jax.compressors import (
     user_sparsification,
 )
 from medu_jax.dither import QuantizerSpec, dequantize, quantize
-from medu_jax.fedavg import ClientData, FedConfig, client_mesh, fed_round, shard_clients, train
+from medu_jax.fedavg import ClientData, FedConfig, client_mesh, fed_round, fed_rounds, shard_clients, train
 from medu_jax.history import History, compressor_key
 from medu_jax.lattices import A2, D4, E8, Z, Lattice, get_lattice
 from medu_jax.packing import pack_bits, unpack_bits
@@ -30,6 +30,6 @@ __version__ = "0.1.0"
 __all__ = [
     "A2", "ClientData", "Compressor", "D4", "E8", "FedConfig", "History", "HistoryFileError", "Lattice", "Message", "QuantizerSpec",
     "Stats", "Z", "attacks", "baselines", "chain", "check_updates", "client_mesh", "compressor_key", "corrected_replay", "data", "dequantize",
-    "differential_threshold", "fed_round", "finetune", "get_lattice", "identity", "lattice_coding", "load_history", "medu",
+    "differential_threshold", "fed_round", "fed_rounds", "finetune", "get_lattice", "identity", "lattice_coding", "load_history", "medu",
     "metrics", "models", "pack_bits", "quantize", "replay", "rum", "s3t", "save_history", "shard_clients", "store", "train", "unlearn", "unpack_bits", "user_sparsification", "zoga",
 ]

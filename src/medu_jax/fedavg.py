@@ -261,8 +261,57 @@ class TrainResult(NamedTuple):
     seconds: float
 
 
-def _encode_fn(compressor: Compressor):
-    return jax.jit(compressor.encode)
+class RoundOutputs(NamedTuple):
+    """What ``fed_rounds`` hands the host per round (leading axis: the block's rounds)."""
+
+    active: jax.Array  # (B, K) bool: clients whose update entered the aggregate
+    rejected: jax.Array  # (B, K) bool: clients whose update held NaN/inf
+    messages: tuple  # per compressor: the round's Message
+    overload: tuple  # per compressor: (B,) int32 overloaded lattice blocks
+    rel_error: tuple  # per compressor: (B,) float32 sum ||decoded - update||^2 / sum ||update||^2
+    updates: PyTree  # the (B, K, ...) updates when asked for (host-side selections), else None
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "tx", "cfg", "mesh", "compressors", "length", "with_updates"))
+def fed_rounds(apply_fn, tx, cfg: FedConfig, params, data: ClientData, t0, exclude, update_scale, states: tuple,
+               compressors: tuple = (), length: int = 1, mesh: Mesh | None = None, with_updates: bool = False):
+    """Rounds t0 .. t0 + length - 1 as one ``lax.scan``: each runs ``fed_round`` and encodes its updates with
+    every compressor (closed-loop ``states`` carried). Returns (params, states, RoundOutputs stacked over the
+    rounds). One compiled call per block instead of one per round, with the same bits as round by round."""
+
+    def body(carry, t):
+        p, sts = carry
+        p, ups, active, rejected = fed_round(apply_fn, tx, cfg, p, data, t, exclude, update_scale, mesh)
+        msgs, new, over, err = [], [], [], []
+        for comp, st in zip(compressors, sts):
+            msg, st, _, _, stats = comp.encode(ups, st, compressor_key(cfg.seed, t), active)
+            msgs.append(msg), new.append(st), over.append(stats.overload)
+            err.append(jnp.sum(stats.sq_error) / jnp.maximum(jnp.sum(stats.sq_norm), 1e-30))
+        out = RoundOutputs(active, rejected, tuple(msgs), tuple(over), tuple(err), ups if with_updates else None)
+        return (p, tuple(new)), out
+
+    ts = jnp.asarray(t0, jnp.int32) + jnp.arange(length, dtype=jnp.int32)
+    (params, states), out = jax.lax.scan(body, (params, tuple(states)), ts)
+    return params, states, out
+
+
+def _block_size(rounds_per_call: int | None, compressors: tuple, states: tuple, like: PyTree, remaining: int,
+                per_round: bool, budget_bytes: int = 64 << 20) -> int:
+    """Rounds per compiled call: 1 when the host must act after every round (a store's commit, a selection's
+    choice), else ``rounds_per_call`` or, by default, as many as keep the block's stacked messages within
+    ``budget_bytes`` on the device."""
+    if per_round:
+        return 1
+    if rounds_per_call is not None:
+        if int(rounds_per_call) < 1:
+            raise ValueError(f"rounds_per_call must be >= 1 or None, got {rounds_per_call!r}")
+        return max(1, min(int(rounds_per_call), remaining))
+    key = jax.random.key(0)
+    msg_bytes = sum(
+        sum(int(np.prod(a.shape)) * a.dtype.itemsize
+            for a in jax.tree.leaves(jax.eval_shape(lambda u, s: c.encode(u, s, key)[0], like, s)))
+        for c, s in zip(compressors, states))
+    return max(1, min(remaining, budget_bytes // max(msg_bytes, 1)))
 
 
 def _select(sel: Selection, t: int, prev: PyTree, new: PyTree, ups: PyTree, active, last: PyTree | None):
@@ -340,6 +389,7 @@ def train(
     resume: bool = False,
     selections: dict[str, Selection] | None = None,
     mesh: Mesh | None = None,
+    rounds_per_call: int | None = None,
 ) -> TrainResult:
     """Runs FedAvg and feeds every round's updates through each compressor into its own History.
 
@@ -350,6 +400,9 @@ def train(
     is bit-identical to an uninterrupted run). ``selections`` maps a history name to the rounds and users it
     keeps (FedEraser's interval, Crab's informative rounds/users, rollback checkpoints); default: all.
     ``mesh`` (see ``client_mesh``) shards the clients over devices; the result has the same bits as one device.
+    Rounds run ``rounds_per_call`` at a time as one compiled ``lax.scan`` (``fed_rounds``: training and encoding),
+    by default as many as keep their stacked messages within 64 MB; a store or a host-side selection runs them
+    one by one. Any block size gives the same bits.
     """
     k = data.num_clients
     excl = np.isin(np.arange(k), check_user_ids(exclude, k, "exclude"))
@@ -358,10 +411,9 @@ def train(
         raise ValueError(f"update_scale must have shape ({k},), got {scale.shape}")
     like = jax.tree.map(lambda p: jnp.zeros((k, *jnp.shape(p)), jnp.result_type(p)), params0)
     compressors = dict(compressors or {})
-    histories, states, encoders = {}, {}, {}
+    histories, states = {}, {}
     for name, comp in compressors.items():
         states[name] = comp.init(like)
-        encoders[name] = _encode_fn(comp)
         histories[name] = History(
             comp, states[name]["like"].value, cfg.seed, jax.device_get(params0), np.asarray(data.n, np.float32),
             cfg.server_lr,
@@ -375,39 +427,57 @@ def train(
     for name, sel in selections.items():
         histories[name].selection = sel
     last_kept: dict = {name: None for name in compressors}
+    partial = [n for n, h in histories.items() if not h.selection.keeps_all]  # chosen on the host, round by round
+    scanned = tuple(n for n in compressors if n not in partial)  # encoded inside the compiled rounds
+    encoders = {n: jax.jit(compressors[n].encode) for n in partial}
     writers, t0 = {}, 0
     if store is not None:  # full histories go to disk; selective ones stay in memory (save_history after)
-        partial = [n for n, h in histories.items() if not h.selection.keeps_all]
         if resume and partial:
             raise ValueError(f"resume=True needs full histories only; {partial} have a Selection")
         full = {n: h for n, h in histories.items() if n not in partial}
         params, t0, writers = _open_stores(store, resume, full, states, params0, cfg)
-    rounds = range(t0, cfg.rounds)
+    block = _block_size(rounds_per_call, tuple(compressors[n] for n in scanned), tuple(states[n] for n in scanned),
+                        like, max(cfg.rounds - t0, 1), bool(partial or writers))
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        rounds = tqdm(rounds, desc=desc, leave=False)
+        bar = tqdm(total=cfg.rounds - t0, desc=desc, leave=False)
     start = time.perf_counter()
     excl_j, scale_j = jnp.asarray(excl), jnp.asarray(scale)
     if mesh is not None:
         data = shard_clients(data, mesh)
-    for t in rounds:
+    for t in range(t0, cfg.rounds, block):
+        n = min(block, cfg.rounds - t)
         prev = params
-        params, ups, active, rejected = fed_round(apply_fn, tx, cfg, params, data, t, excl_j, scale_j, mesh)
-        log["rejected"].append(np.flatnonzero(np.asarray(rejected)).tolist())
-        for name, comp in compressors.items():
-            sel, act = histories[name].selection, active
-            if not sel.keeps_all:
-                act = _select(sel, t, prev, params, ups, active, last_kept[name])
-                if act is None:
-                    continue
-                last_kept[name] = prev
+        params, new_states, out = fed_rounds(
+            apply_fn, tx, cfg, params, data, t, excl_j, scale_j, tuple(states[m] for m in scanned),
+            tuple(compressors[m] for m in scanned), n, mesh, bool(partial))
+        states.update(zip(scanned, new_states))
+        out = jax.device_get(out._replace(updates=None)) if not partial else out
+        for i in range(n):
+            log["rejected"].append(np.flatnonzero(np.asarray(out.rejected[i])).tolist())
+            for j, name in enumerate(scanned):
+                record = histories[name].append(jax.tree.map(lambda a: a[i], out.messages[j]), t + i)
+                if name in writers:
+                    writers[name].append(t + i, record, params, states[name])
+                log["overload"][name].append(int(out.overload[j][i]))
+                log["rel_error"][name].append(float(out.rel_error[j][i]))
+        for name in partial:  # block == 1: select this round's users on the host, then encode them
+            ups, active = jax.tree.map(lambda a: a[0], out.updates), out.active[0]
+            sel = histories[name].selection
+            act = _select(sel, t, prev, params, ups, active, last_kept[name])
+            if act is None:
+                continue
+            last_kept[name] = prev
             msg, states[name], _, _, stats = encoders[name](ups, states[name], compressor_key(cfg.seed, t), act)
-            record = histories[name].append(msg, t, prev if sel.checkpoints else None,
-                                            active if sel.user_fraction < 1 else None)
-            if name in writers:
-                writers[name].append(t, record, params, states[name])
+            histories[name].append(msg, t, prev if sel.checkpoints else None,
+                                   active if sel.user_fraction < 1 else None)
             log["overload"][name].append(int(stats.overload))
             log["rel_error"][name].append(float(jnp.sum(stats.sq_error) / jnp.maximum(jnp.sum(stats.sq_norm), 1e-30)))
+        if bar is not None:
+            bar.update(n)
+    if bar is not None:
+        bar.close()
     jax.block_until_ready(params)
     return TrainResult(params, histories, log, time.perf_counter() - start)

@@ -19,7 +19,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from medu_jax.compressors import Compressor, Message
-from medu_jax.fedavg import ClientData, FedConfig, check_user_ids, fed_round, weighted_mean
+from medu_jax.fedavg import ClientData, FedConfig, check_user_ids, fed_rounds, weighted_mean
 from medu_jax.history import History, compressor_key
 
 PyTree = Any
@@ -314,12 +314,13 @@ def finetune(apply_fn, tx, params: PyTree, data: ClientData, cfg: FedConfig, exc
     """``rounds`` exact FedAvg rounds of the users not in ``exclude``, from ``params``.
 
     Round keys continue after the training schedule (t = cfg.rounds, cfg.rounds + 1, ...) unless
-    ``start_round`` says otherwise, so tuning never reuses a training round's randomness.
+    ``start_round`` says otherwise, so tuning never reuses a training round's randomness. The rounds run as one
+    compiled ``lax.scan`` (``fed_rounds``).
     """
     k = data.num_clients
     excl = jnp.asarray(np.isin(np.arange(k), check_user_ids(exclude, k, "exclude")))
     ones = jnp.ones((k,), jnp.float32)
     t0 = cfg.rounds if start_round is None else int(start_round)
-    for r in range(int(rounds)):
-        params, _, _, _ = fed_round(apply_fn, tx, cfg, params, data, t0 + r, excl, ones)
-    return params
+    if int(rounds) < 1:
+        return params
+    return fed_rounds(apply_fn, tx, cfg, params, data, t0, excl, ones, (), (), int(rounds))[0]
