@@ -91,6 +91,41 @@ def test_decoder_replays_the_encoder_bit_for_bit(comp):
             assert np.all(np.asarray(a)[~np.asarray(valid)] == 0)
 
 
+@settings(max_examples=8, deadline=None)
+@given(tau=st.sampled_from([0.0, 0.3, 0.9]), fraction=st.sampled_from([0.3, 0.5, 1.0]),
+       mode=st.sampled_from(["random", "topk"]), k=st.integers(1, 7), seed=st.integers(0, 2**16))
+def test_sparsify_then_threshold_share_one_reference_with_the_same_bits(tau, fraction, mode, k, seed):
+    """MEDU's sparsify (missing="last") + threshold keep one (K, d) state: the result (messages, decoded rows,
+    valid masks), round by round with users dropping out, must equal the chain that keeps both states."""
+    comp = mj.chain(mj.user_sparsification(fraction, mode=mode), mj.differential_threshold(tau),
+                    mj.lattice_coding("A2", 3))
+    assert comp.shares_reference
+
+    def run(shared: bool):
+        orig = Compressor.shares_reference
+        Compressor.shares_reference = property(lambda self: shared and orig.fget(self))
+        try:
+            params = {"a": jnp.zeros((5, 3)), "b": {"c": jnp.zeros((7,))}}
+            state = comp.init(stacked_updates(params, k, jax.random.key(0)))
+            nbytes = sum(a.nbytes for a in jax.tree.leaves(state["filters"]))
+            out = []
+            for t in range(6):
+                kt = jax.random.fold_in(jax.random.key(seed), t)
+                ups = stacked_updates(params, k, kt)
+                active = jax.random.bernoulli(jax.random.fold_in(kt, 1), 0.7, (k,))
+                msg, state, dec, valid, _ = comp.encode(ups, state, mj.compressor_key(seed, t), active)
+                out.append((msg, dec, valid))
+            return out, nbytes
+        finally:
+            Compressor.shares_reference = orig
+
+    (a, shared_bytes), (b, both_bytes) = run(True), run(False)
+    for x, y in zip(a, b):
+        assert all(np.array_equal(u, v) for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+    d = 5 * 3 + 7
+    assert both_bytes - shared_bytes == k * d * 4 + k  # one float32 (K, d) state and its (K,) bool flags fewer
+
+
 def test_identity_is_exact():
     for ups, msg, dec, valid, stats, key in run_rounds(mj.identity(), 2):
         assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(dec), jax.tree.leaves(ups)))

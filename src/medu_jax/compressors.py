@@ -329,11 +329,23 @@ class Compressor:
             layers.append(kinds[name](**item))
         return cls(tuple(layers))
 
+    @property
+    def shares_reference(self) -> bool:
+        """True when user sparsification (missing="last") is followed by differential thresholding: the last
+        stored update it substitutes is then exactly the threshold's reference (both are updated for the
+        selected users, with the same decoded value), so the chain keeps one (K, d) state, not two."""
+        fs = self.filters
+        return (len(fs) == 2 and isinstance(fs[0], UserSparsification) and fs[0].missing == "last"
+                and isinstance(fs[1], DifferentialThreshold))
+
     def init(self, template: PyTree) -> dict:
         """Initial closed-loop state for updates shaped like ``template`` (leaves (K, ...))."""
         check_template(template)
         like = Like.of(template)
-        return {"like": _Static(like), "filters": tuple(f.init(like) for f in self.filters)}
+        states = [f.init(like) for f in self.filters]
+        if self.shares_reference:
+            states[0] = {}
+        return {"like": _Static(like), "filters": tuple(states)}
 
     def encode(self, updates: PyTree, state: dict, key: Array, active: Array | None = None):
         """Compresses one round. Returns (message, new_state, decoded, valid, stats); jit-able."""
@@ -381,6 +393,10 @@ class Compressor:
         new = list(state["filters"])
         for pos in reversed(range(len(self.filters))):
             f = self.filters[pos]
+            if pos == 0 and self.shares_reference:  # the reference, updated just above, is the last stored update
+                st = {"last": new[1]["ref"], "has": new[1]["has"]}
+                x, valid, _ = f.restore(x, valid, message.flags[f.name], st, message.active)
+                continue
             x, valid, new[pos] = f.restore(x, valid, message.flags[f.name], new[pos], message.active)
         x = tree_where(valid, x, jax.tree.map(jnp.zeros_like, x))
         return x, valid, {"like": state["like"], "filters": tuple(new)}
