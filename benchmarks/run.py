@@ -2,6 +2,7 @@
 
     python benchmarks/run.py                 # CPU-sized defaults, writes benchmarks/results.md
     python benchmarks/run.py --sizes 1e6 1e7 1e8 3e8 --out results_gpu.md   # on a GPU
+    python benchmarks/run.py --sections codec --sizes 268435456 --lattices Z A2 --bits 2 --out gpu_codec.md
 
 Sections: (1) encode+pack and unpack+decode of a stacked user update vs a float32 copy of it, per lattice and
 bit width; (2) FedAvg rounds/s, vmapped clients vs a per-client Python loop of the same model and data;
@@ -184,12 +185,17 @@ def bytes_table(runs: list[tuple[int, int]]) -> list[str]:
     return rows
 
 
+SECTIONS = ("codec", "fedavg", "replay", "bytes")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", type=float, default=[1e6, 1e7], help="entries per stacked update")
     ap.add_argument("--users", type=int, default=16, help="users in the stacked update of the codec table")
     ap.add_argument("--lattices", nargs="+", default=["Z", "A2", "D4", "E8"])
     ap.add_argument("--bits", nargs="+", type=int, default=[2, 4])
+    ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
+                    help="which tables to run (e.g. only codec on a GPU with little time)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results.md"))
     args = ap.parse_args(argv)
     dev = jax.devices()[0]
@@ -197,14 +203,19 @@ def main(argv=None) -> int:
             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__} on "
             f"{dev.platform} ({getattr(dev, 'device_kind', '')}); python {sys.version.split()[0]}; "
             f"{time.strftime('%Y-%m-%d')}", ""]
-    out = head + ["## Codec vs a float32 copy", ""] + codec_table([int(s) for s in args.sizes], args.users,
-                                                                   args.lattices, args.bits)
-    out += ["", "## FedAvg: vmapped clients vs a per-client Python loop", ""] + fedavg_table(10)
-    out += ["", "## Unlearning vs retraining (digits, 20 users, 4 removed, 60 rounds)", ""]
-    out += replay_table(20, 60, (10, 50))
-    out += ["", "## History bytes as users and rounds grow (digits MLP, 4,810 parameters; MEDU 0.5, tau 0.3, A2 2 bits)",
-            ""]
-    out += bytes_table([(1, 10), (10, 10), (100, 10), (1000, 10), (100, 1), (100, 100), (20, 60)])
+    tables = {
+        "codec": lambda: ["## Codec vs a float32 copy", ""] + codec_table(
+            [int(x) for x in args.sizes], args.users, args.lattices, args.bits),
+        "fedavg": lambda: ["## FedAvg: vmapped clients vs a per-client Python loop", ""] + fedavg_table(10),
+        "replay": lambda: ["## Unlearning vs retraining (digits, 20 users, 4 removed, 60 rounds)", ""]
+        + replay_table(20, 60, (10, 50)),
+        "bytes": lambda: ["## History bytes as users and rounds grow (digits MLP, 4,810 parameters; MEDU 0.5, "
+                          "tau 0.3, A2 2 bits)", ""]
+        + bytes_table([(1, 10), (10, 10), (100, 10), (1000, 10), (100, 1), (100, 100), (20, 60)]),
+    }
+    out = head
+    for name in args.sections:
+        out += tables[name]() + [""]
     text = "\n".join(out) + "\n"
     with open(args.out, "w") as f:
         f.write(text)
