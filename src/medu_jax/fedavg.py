@@ -261,6 +261,11 @@ class TrainResult(NamedTuple):
     seconds: float
 
 
+def _rel_error(stats) -> jax.Array:
+    """A round's relative squared compression error: sum ||decoded - update||^2 / sum ||update||^2."""
+    return jnp.sum(stats.sq_error) / jnp.maximum(jnp.sum(stats.sq_norm), 1e-30)
+
+
 class RoundOutputs(NamedTuple):
     """What ``fed_rounds`` hands the host per round (leading axis: the block's rounds)."""
 
@@ -286,7 +291,7 @@ def fed_rounds(apply_fn, tx, cfg: FedConfig, params, data: ClientData, t0, exclu
         for comp, st in zip(compressors, sts):
             msg, st, _, _, stats = comp.encode(ups, st, compressor_key(cfg.seed, t), active)
             msgs.append(msg), new.append(st), over.append(stats.overload)
-            err.append(jnp.sum(stats.sq_error) / jnp.maximum(jnp.sum(stats.sq_norm), 1e-30))
+            err.append(_rel_error(stats))
         out = RoundOutputs(active, rejected, tuple(msgs), tuple(over), tuple(err), ups if with_updates else None)
         return (p, tuple(new)), out
 
@@ -295,22 +300,18 @@ def fed_rounds(apply_fn, tx, cfg: FedConfig, params, data: ClientData, t0, exclu
     return params, states, out
 
 
-def _block_size(rounds_per_call: int | None, compressors: tuple, states: tuple, like: PyTree, remaining: int,
-                per_round: bool, budget_bytes: int = 64 << 20) -> int:
+def _block_size(rounds_per_call: int | None, histories: list[History], remaining: int, per_round: bool,
+                budget_bytes: int = 64 << 20) -> int:
     """Rounds per compiled call: 1 when the host must act after every round (a store's commit, a selection's
-    choice), else ``rounds_per_call`` or, by default, as many as keep the block's stacked messages within
-    ``budget_bytes`` on the device."""
+    choice), else ``rounds_per_call`` or, by default, as many as keep the block's stacked payloads (the coder's
+    rows, which dwarf the per-user masks) within ``budget_bytes`` on the device."""
     if per_round:
         return 1
     if rounds_per_call is not None:
         if int(rounds_per_call) < 1:
             raise ValueError(f"rounds_per_call must be >= 1 or None, got {rounds_per_call!r}")
         return max(1, min(int(rounds_per_call), remaining))
-    key = jax.random.key(0)
-    msg_bytes = sum(
-        sum(int(np.prod(a.shape)) * a.dtype.itemsize
-            for a in jax.tree.leaves(jax.eval_shape(lambda u, s: c.encode(u, s, key)[0], like, s)))
-        for c, s in zip(compressors, states))
+    msg_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for h in histories for a in jax.tree.leaves(h.rows_like()))
     return max(1, min(remaining, budget_bytes // max(msg_bytes, 1)))
 
 
@@ -436,8 +437,8 @@ def train(
             raise ValueError(f"resume=True needs full histories only; {partial} have a Selection")
         full = {n: h for n, h in histories.items() if n not in partial}
         params, t0, writers = _open_stores(store, resume, full, states, params0, cfg)
-    block = _block_size(rounds_per_call, tuple(compressors[n] for n in scanned), tuple(states[n] for n in scanned),
-                        like, max(cfg.rounds - t0, 1), bool(partial or writers))
+    block = _block_size(rounds_per_call, [histories[n] for n in scanned], max(cfg.rounds - t0, 1),
+                        bool(partial or writers))
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -454,15 +455,15 @@ def train(
             apply_fn, tx, cfg, params, data, t, excl_j, scale_j, tuple(states[m] for m in scanned),
             tuple(compressors[m] for m in scanned), n, mesh, bool(partial))
         states.update(zip(scanned, new_states))
-        out = jax.device_get(out._replace(updates=None)) if not partial else out
+        host = jax.device_get(out._replace(updates=None))  # one transfer per block; the updates stay put
         for i in range(n):
-            log["rejected"].append(np.flatnonzero(np.asarray(out.rejected[i])).tolist())
+            log["rejected"].append(np.flatnonzero(host.rejected[i]).tolist())
             for j, name in enumerate(scanned):
-                record = histories[name].append(jax.tree.map(lambda a: a[i], out.messages[j]), t + i)
+                record = histories[name].append(jax.tree.map(lambda a: a[i], host.messages[j]), t + i)
                 if name in writers:
                     writers[name].append(t + i, record, params, states[name])
-                log["overload"][name].append(int(out.overload[j][i]))
-                log["rel_error"][name].append(float(out.rel_error[j][i]))
+                log["overload"][name].append(int(host.overload[j][i]))
+                log["rel_error"][name].append(float(host.rel_error[j][i]))
         for name in partial:  # block == 1: select this round's users on the host, then encode them
             ups, active = jax.tree.map(lambda a: a[0], out.updates), out.active[0]
             sel = histories[name].selection
@@ -474,7 +475,7 @@ def train(
             histories[name].append(msg, t, prev if sel.checkpoints else None,
                                    active if sel.user_fraction < 1 else None)
             log["overload"][name].append(int(stats.overload))
-            log["rel_error"][name].append(float(jnp.sum(stats.sq_error) / jnp.maximum(jnp.sum(stats.sq_norm), 1e-30)))
+            log["rel_error"][name].append(float(_rel_error(stats)))
         if bar is not None:
             bar.update(n)
     if bar is not None:
