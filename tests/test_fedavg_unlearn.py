@@ -131,6 +131,19 @@ def test_same_seed_same_bits_and_history():
         assert x.keys() == y.keys() and all(np.array_equal(x[n], y[n]) for n in x)
 
 
+def test_block_size_follows_the_budget_the_progress_bar_and_the_host():
+    from medu_jax.fedavg import _block_size
+
+    h = trained().histories
+    per_round = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(h["f32"].rows_like()))
+    assert _block_size(None, [h["f32"]], 60, False) == 60
+    assert _block_size(None, [h["f32"]], 60, False, budget_bytes=7 * per_round) == 7
+    assert _block_size(None, [h["f32"]], 60, False, progress=True) == 3  # the bar moves 20 times
+    assert _block_size(None, [h["f32"]], 60, True) == 1  # a store or a host-side selection
+    assert _block_size(8, [h["f32"]], 5, False) == 5
+    assert _block_size(None, [], 60, False) == 60  # retraining: nothing to stack
+
+
 @pytest.mark.parametrize("block", [1, 4])
 def test_rounds_per_call_does_not_change_the_bits(block):
     """The default runs all 6 rounds (training and encoding) as one lax.scan; blocks of 1 and of 4 (then a

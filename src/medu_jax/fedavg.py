@@ -301,10 +301,11 @@ def fed_rounds(apply_fn, tx, cfg: FedConfig, params, data: ClientData, t0, exclu
 
 
 def _block_size(rounds_per_call: int | None, histories: list[History], remaining: int, per_round: bool,
-                budget_bytes: int = 64 << 20) -> int:
+                progress: bool = False, budget_bytes: int = 64 << 20) -> int:
     """Rounds per compiled call: 1 when the host must act after every round (a store's commit, a selection's
     choice), else ``rounds_per_call`` or, by default, as many as keep the block's stacked payloads (the coder's
-    rows, which dwarf the per-user masks) within ``budget_bytes`` on the device."""
+    rows, which dwarf the per-user masks) within ``budget_bytes`` on the device, and with a progress bar at
+    most a twentieth of the run, so the bar moves."""
     if per_round:
         return 1
     if rounds_per_call is not None:
@@ -312,7 +313,8 @@ def _block_size(rounds_per_call: int | None, histories: list[History], remaining
             raise ValueError(f"rounds_per_call must be >= 1 or None, got {rounds_per_call!r}")
         return max(1, min(int(rounds_per_call), remaining))
     msg_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for h in histories for a in jax.tree.leaves(h.rows_like()))
-    return max(1, min(remaining, budget_bytes // max(msg_bytes, 1)))
+    cap = -(-remaining // 20) if progress else remaining
+    return max(1, min(cap, budget_bytes // max(msg_bytes, 1)))
 
 
 def _select(sel: Selection, t: int, prev: PyTree, new: PyTree, ups: PyTree, active, last: PyTree | None):
@@ -402,8 +404,8 @@ def train(
     keeps (FedEraser's interval, Crab's informative rounds/users, rollback checkpoints); default: all.
     ``mesh`` (see ``client_mesh``) shards the clients over devices; the result has the same bits as one device.
     Rounds run ``rounds_per_call`` at a time as one compiled ``lax.scan`` (``fed_rounds``: training and encoding),
-    by default as many as keep their stacked messages within 64 MB; a store or a host-side selection runs them
-    one by one. Any block size gives the same bits.
+    by default as many as keep their stacked messages within 64 MB (with ``progress``, at most 1/20 of the run);
+    a store or a host-side selection runs them one by one. Any block size gives the same bits.
     """
     k = data.num_clients
     excl = np.isin(np.arange(k), check_user_ids(exclude, k, "exclude"))
@@ -438,7 +440,7 @@ def train(
         full = {n: h for n, h in histories.items() if n not in partial}
         params, t0, writers = _open_stores(store, resume, full, states, params0, cfg)
     block = _block_size(rounds_per_call, [histories[n] for n in scanned], max(cfg.rounds - t0, 1),
-                        bool(partial or writers))
+                        bool(partial or writers), progress)
     bar = None
     if progress:
         from tqdm.auto import tqdm
