@@ -1,7 +1,8 @@
 """medu_jax benchmarks: every figure is a ratio against a baseline measured in the same run.
 
-    python benchmarks/run.py                 # CPU-sized defaults, writes benchmarks/results.md
-    python benchmarks/run.py --sizes 1e6 1e7 1e8 3e8 --out results_gpu.md   # on a GPU
+    python benchmarks/run.py                 # everything (codec at 1e6 .. 3e8 entries), writes benchmarks/results.md
+    python benchmarks/run.py --sizes 1e6 1e7 # a 3-minute run
+    python benchmarks/run.py --out results_gpu.md                           # on a GPU
     python benchmarks/run.py --sections codec --sizes 268435456 --lattices Z A2 --bits 2 --out gpu_codec.md
 
 Sections: (1) encode+pack and unpack+decode of a stacked user update vs a float32 copy of it, per lattice and
@@ -190,7 +191,8 @@ SECTIONS = ("codec", "fedavg", "replay", "bytes")
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", nargs="+", type=float, default=[1e6, 1e7], help="entries per stacked update")
+    ap.add_argument("--sizes", nargs="+", type=float, default=[1e6, 1e7, 1e8, 3e8],
+                    help="entries per stacked update (3e8 needs ~7 GB of memory)")
     ap.add_argument("--users", type=int, default=16, help="users in the stacked update of the codec table")
     ap.add_argument("--lattices", nargs="+", default=["Z", "A2", "D4", "E8"])
     ap.add_argument("--bits", nargs="+", type=int, default=[2, 4])
