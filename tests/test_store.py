@@ -174,3 +174,45 @@ def test_rounds_that_store_no_rows_round_trip(tmp_path):
     loaded = S.load_history(str(tmp_path / "s" / "t"), ns["params0"])
     assert all(same(a, b) for a, b in zip(loaded.records, hist.records))
     assert same(mj.replay(loaded), mj.replay(hist))
+
+
+def test_offloaded_training_keeps_rounds_on_disk_and_replays_the_same_bits(tmp_path):
+    ns = setup()
+    args = (ns["model"].apply, ns["tx"], ns["params0"], ns["clients"], ns["cfg"], ns["comps"])
+    mem = mj.train(*args)
+    off = mj.train(*args, store=str(tmp_path / "s"), offload=True)
+    assert same(off.params, mem.params)
+    for name, h in off.histories.items():
+        assert isinstance(h.records, S.StoredRecords) and len(h.records) == ns["cfg"].rounds
+        ref = mem.histories[name]
+        assert h.nbytes == ref.nbytes and h.round_ids == ref.round_ids
+        assert same(h.masks(), ref.masks())
+        for chunk in (None, 2):  # chunked replay reads two rounds of rows at a time from disk
+            assert same(mj.unlearn(h, [4], chunk=chunk), mj.unlearn(ref, [4]))
+        with pytest.raises(TypeError, match="read-only"):
+            h.records.append({})
+        lazy = S.load_history(str(tmp_path / "s" / name), ns["params0"], lazy=True)
+        assert isinstance(lazy.records, S.StoredRecords) and same(mj.replay(lazy), mj.replay(ref))
+    with pytest.raises(ValueError, match="needs store="):
+        mj.train(*args, offload=True)
+    # resuming an offloaded run: the first 3 rounds stay on disk, the next 3 are appended there
+    half = mj.FedConfig(**{**ns["cfg"].__dict__, "rounds": 3})
+    mj.train(*args[:4], half, ns["comps"], store=str(tmp_path / "r"), offload=True)
+    resumed = mj.train(*args, store=str(tmp_path / "r"), resume=True, offload=True)
+    assert same(resumed.params, mem.params)
+    for name, h in resumed.histories.items():
+        assert isinstance(h.records, S.StoredRecords) and h.round_ids == list(range(ns["cfg"].rounds))
+        assert same(mj.replay(h), mj.replay(mem.histories[name]))
+
+
+def test_a_lazy_history_finds_corruption_when_replay_reads_the_round(saved):
+    path, _ = saved
+    lazy = S.load_history(path, lazy=True)  # opening reads the commits only
+    chunk = next(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(path, "rounds", "1", "row:0", "c"))
+                 for f in fs)
+    data = bytearray(open(chunk, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(chunk, "wb").write(bytes(data))
+    assert lazy.masks().present.shape[0] == 3  # the masks are intact and read without the rows
+    with pytest.raises(S.HistoryFileError, match=r"round 1: array 'rounds/1/row:0' is corrupted"):
+        mj.replay(lazy)

@@ -199,7 +199,8 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict[str, An
     fed = FedConfig(cfg.rounds, cfg.local_steps, cfg.batch_size, cfg.participation, 1.0, cfg.seed)
 
     trained = train(apply_fn, tx, params0, clients, fed, cfg.compressors(), update_scale=scale, progress=progress,
-                    desc="train (with attackers)", store=cfg.store, resume=cfg.resume, selections=cfg.selections())
+                    desc="train (with attackers)", store=cfg.store, resume=cfg.resume, selections=cfg.selections(),
+                    offload=bool(cfg.store))
     histories = dict(trained.histories)
     if cfg.store:  # unlearn from what is on disk (checksums verified), as a server restarted later would
         histories.update({m: S.load_history(os.path.join(cfg.store, m), params0) for m in cfg.methods})

@@ -341,7 +341,8 @@ def _select(sel: Selection, t: int, prev: PyTree, new: PyTree, ups: PyTree, acti
     return jnp.asarray(out & active)
 
 
-def _open_stores(store: str, resume: bool, histories: dict, states: dict, params0: PyTree, cfg: FedConfig):
+def _open_stores(store: str, resume: bool, histories: dict, states: dict, params0: PyTree, cfg: FedConfig,
+                 lazy: bool = False):
     """Creates (or, resuming, reloads and checks) one store per history; returns (params, first round, writers)."""
     from medu_jax import store as S
 
@@ -358,7 +359,7 @@ def _open_stores(store: str, resume: bool, histories: dict, states: dict, params
     missing = [p for p in paths.values() if not os.path.exists(p)]
     if missing:
         raise S.HistoryFileError(f"cannot resume: {missing} missing beside {existing}")
-    loaded = {n: S.load_history(p, params0) for n, p in paths.items()}
+    loaded = {n: S.load_history(p, params0, lazy) for n, p in paths.items()}
     for n, h in loaded.items():
         mine = histories[n]
         if h.compressor != mine.compressor or h.seed != mine.seed or not np.array_equal(h.weights, mine.weights):
@@ -393,6 +394,7 @@ def train(
     selections: dict[str, Selection] | None = None,
     mesh: Mesh | None = None,
     rounds_per_call: int | None = None,
+    offload: bool = False,
 ) -> TrainResult:
     """Runs FedAvg and feeds every round's updates through each compressor into its own History.
 
@@ -400,7 +402,9 @@ def train(
     each client's update (scaled or sign-flipped update attacks, 1 for honest clients). With ``store`` (a
     folder) each history is also appended to ``store/<name>`` round by round with the training state, so a
     crash loses at most the round in flight; ``resume=True`` continues from what the store holds (the result
-    is bit-identical to an uninterrupted run). ``selections`` maps a history name to the rounds and users it
+    is bit-identical to an uninterrupted run). ``offload=True`` (with ``store``) keeps those histories on disk
+    only: host memory holds no round, and the returned histories read their rounds from the store as replay
+    uses them (``store.StoredRecords``). ``selections`` maps a history name to the rounds and users it
     keeps (FedEraser's interval, Crab's informative rounds/users, rollback checkpoints); default: all.
     ``mesh`` (see ``client_mesh``) shards the clients over devices; the result has the same bits as one device.
     Rounds run ``rounds_per_call`` at a time as one compiled ``lax.scan`` (``fed_rounds``: training and encoding),
@@ -434,11 +438,13 @@ def train(
     scanned = tuple(n for n in compressors if n not in partial)  # encoded inside the compiled rounds
     encoders = {n: jax.jit(compressors[n].encode) for n in partial}
     writers, t0 = {}, 0
+    if offload and store is None:
+        raise ValueError("offload=True keeps the histories on disk only: it needs store=")
     if store is not None:  # full histories go to disk; selective ones stay in memory (save_history after)
         if resume and partial:
             raise ValueError(f"resume=True needs full histories only; {partial} have a Selection")
         full = {n: h for n, h in histories.items() if n not in partial}
-        params, t0, writers = _open_stores(store, resume, full, states, params0, cfg)
+        params, t0, writers = _open_stores(store, resume, full, states, params0, cfg, offload)
     block = _block_size(rounds_per_call, [histories[n] for n in scanned], max(cfg.rounds - t0, 1),
                         bool(partial or writers), progress)
     bar = None
@@ -461,7 +467,8 @@ def train(
         for i in range(n):
             log["rejected"].append(np.flatnonzero(host.rejected[i]).tolist())
             for j, name in enumerate(scanned):
-                record = histories[name].append(jax.tree.map(lambda a: a[i], host.messages[j]), t + i)
+                record = histories[name].append(jax.tree.map(lambda a: a[i], host.messages[j]), t + i,
+                                                keep=not (offload and name in writers))
                 if name in writers:
                     writers[name].append(t + i, record, params, states[name])
                 log["overload"][name].append(int(host.overload[j][i]))
@@ -482,5 +489,10 @@ def train(
             bar.update(n)
     if bar is not None:
         bar.close()
+    if offload:
+        from medu_jax.store import StoredRecords
+
+        for name, w in writers.items():
+            histories[name].records = StoredRecords(w.path)
     jax.block_until_ready(params)
     return TrainResult(params, histories, log, time.perf_counter() - start)

@@ -130,16 +130,18 @@ class History:
         return _rows_like(self.compressor, self.like)
 
     def append(self, message: Message, round_id: int | None = None, checkpoint: PyTree = None,
-               participants=None) -> dict[str, np.ndarray]:
+               participants=None, keep: bool = True) -> dict[str, np.ndarray]:
         """Compacts and appends training round ``round_id``'s message; with a selection, also the model before
-        the round and the round's participants (when the selection stored only some of them). Returns the record."""
+        the round and the round's participants (when the selection stored only some of them). Returns the record;
+        ``keep=False`` only builds it (for a store that holds the rounds instead of host memory)."""
         record = compact(jax.device_get(message))
         if participants is not None:
             record["participants"] = np.packbits(np.asarray(participants, bool))
         record["round"] = np.array([self.num_rounds if round_id is None else round_id], np.int32)
         for i, leaf in enumerate(jax.tree.leaves(checkpoint)):
             record[f"ckpt:{i}"] = np.asarray(leaf, np.float32)
-        self.records.append(record)
+        if keep:
+            self.records.append(record)
         return record
 
     @property

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import zlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -183,11 +184,54 @@ def _commits(root, path: str) -> list[dict]:
     return out
 
 
-def load_history(path: str, template: PyTree | None = None) -> History:
+class StoredRecord(Mapping):
+    """Round t's compact record in a store, read array by array when accessed and checked against its commit:
+    replay reads a round's masks without its payload rows, and the rows only for the chunk it decodes."""
+
+    def __init__(self, root, path: str, commit: dict):
+        self._root, self._t, self._keys, self._crc = root, commit["round"], tuple(commit["keys"]), commit["crc"]
+        self._where = f"{path!r} round {self._t}"
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._keys:
+            raise KeyError(key)
+        name = f"rounds/{self._t}/{key}"
+        return _read(self._root, name, self._where, self._crc[name])
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+class StoredRecords(Sequence):
+    """The committed rounds of a store as a read-only sequence of ``StoredRecord``: a History over it holds only
+    the commit index in host memory and reads rounds from disk as they are used."""
+
+    def __init__(self, path: str):
+        root, _ = _open(path)
+        self.path = path
+        self._items = [StoredRecord(root, path, c) for c in _commits(root, path)]
+
+    def __getitem__(self, i):
+        return self._items[i]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def append(self, record):
+        raise TypeError(f"the history is read from the store {self.path!r} and is read-only; train(store=...) "
+                        "appends rounds to a store")
+
+
+def load_history(path: str, template: PyTree | None = None, lazy: bool = False) -> History:
     """Loads a History from a store: every committed round, checksums verified.
 
     ``template`` (e.g. the model's params0, or a pytree of (K, ...) updates) restores the exact pytree type and
-    checks that the history belongs to this model; without it, flax-style nested dicts are rebuilt.
+    checks that the history belongs to this model; without it, flax-style nested dicts are rebuilt. ``lazy``
+    leaves the records on disk (``StoredRecords``): each array is read, and its checksum verified, when replay
+    uses it, so a history larger than host memory replays chunk by chunk.
     """
     root, attrs = _open(path)
     meta = attrs["like"]
@@ -213,10 +257,8 @@ def load_history(path: str, template: PyTree | None = None) -> History:
     except (TypeError, ValueError) as e:
         raise HistoryFileError(f"{path!r}: unreadable compressor configuration ({e})") from e
     hist = History(compressor, like, attrs["seed"], params0, _read(root, "weights", repr(path)), attrs["server_lr"])
-    for c in _commits(root, path):
-        t = c["round"]
-        hist.records.append({k: _read(root, f"rounds/{t}/{k}", f"{path!r} round {t}", c["crc"][f"rounds/{t}/{k}"])
-                             for k in c["keys"]})
+    records = StoredRecords(path)
+    hist.records = records if lazy else [dict(r) for r in records]
     return hist
 
 
