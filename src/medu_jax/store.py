@@ -209,8 +209,8 @@ class StoredRecords(Sequence):
     """The committed rounds of a store as a read-only sequence of ``StoredRecord``: a History over it holds only
     the commit index in host memory and reads rounds from disk as they are used."""
 
-    def __init__(self, path: str):
-        root, _ = _open(path)
+    def __init__(self, path: str, root=None):
+        root = _open(path)[0] if root is None else root  # load_history passes the group it has opened
         self.path = path
         self._items = [StoredRecord(root, path, c) for c in _commits(root, path)]
 
@@ -257,7 +257,7 @@ def load_history(path: str, template: PyTree | None = None, lazy: bool = False) 
     except (TypeError, ValueError) as e:
         raise HistoryFileError(f"{path!r}: unreadable compressor configuration ({e})") from e
     hist = History(compressor, like, attrs["seed"], params0, _read(root, "weights", repr(path)), attrs["server_lr"])
-    records = StoredRecords(path)
+    records = StoredRecords(path, root)
     hist.records = records if lazy else [dict(r) for r in records]
     return hist
 
