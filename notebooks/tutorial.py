@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -127,6 +129,8 @@ plt.show()
 # ## Your own compressor chain, and the history on disk
 # Layers compose in MEDU's order (sparsify, threshold, one coder). `store=` appends each history to a zarr store
 # round by round (checksummed); `load_history` reads it back anywhere, and `resume=True` continues a crashed run.
+# `offload=True` keeps the rounds on disk only (none in host memory): the returned history, like
+# `load_history(..., lazy=True)`, reads each round when replay uses it, for histories larger than memory.
 
 # %%
 import tempfile
@@ -135,9 +139,11 @@ chain = mj.chain(mj.user_sparsification(count=8, mode="topk"), mj.differential_t
                  mj.lattice_coding("D4", bits=3, scale="rms"))
 folder = tempfile.mkdtemp()
 small = mj.FedConfig(rounds=5, local_steps=5, batch_size=32, seed=1)
-mj.train(model.apply, tx, params0, clients, small, {"mine": chain}, store=folder)
+on_disk = mj.train(model.apply, tx, params0, clients, small, {"mine": chain}, store=folder, offload=True)
 h = mj.load_history(f"{folder}/mine", template=params0)
 print(h.summary(), chain.config())
+lazy = on_disk.histories["mine"]  # reads from the store
+assert all(jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(mj.replay(lazy)), jax.tree.leaves(mj.replay(h))))
 
 # %% [markdown]
 # ## Your own data
