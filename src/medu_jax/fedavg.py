@@ -443,7 +443,7 @@ def train(
     if store is not None:  # full histories go to disk; selective ones stay in memory (save_history after)
         if resume and partial:
             raise ValueError(f"resume=True needs full histories only; {partial} have a Selection")
-        full = {n: h for n, h in histories.items() if n not in partial}
+        full = {n: histories[n] for n in scanned}
         params, t0, writers = _open_stores(store, resume, full, states, params0, cfg, offload)
     block = _block_size(rounds_per_call, [histories[n] for n in scanned], max(cfg.rounds - t0, 1),
                         bool(partial or writers), progress)
