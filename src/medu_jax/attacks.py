@@ -56,6 +56,20 @@ def label_flip(data: ClientData, users: Iterable[int], num_classes: int) -> Clie
     return ClientData(data.x, jnp.asarray(y), data.n)
 
 
+def targeted_flip(data: ClientData, users: Iterable[int], source: int, target: int) -> ClientData:
+    """Targeted label flip: the malicious clients relabel every sample of class ``source`` as ``target``
+    (the other classes keep their labels, so clean accuracy barely shows the attack; see
+    ``metrics.flip_success``)."""
+    if source == target:
+        raise ValueError(f"targeted_flip: source and target must differ, got {source} -> {target}")
+    y = np.array(data.y)
+    for u in users:
+        n = int(np.asarray(data.n)[u])
+        row = y[u, :n]
+        row[row == source] = target
+    return ClientData(data.x, jnp.asarray(y), data.n)
+
+
 def update_scale(num_clients: int, users: Iterable[int], factor: float) -> np.ndarray:
     """Per-client update multipliers: ``factor`` for malicious users (e.g. 10 scaled, -1 sign-flip), 1 else."""
     s = np.ones((num_clients,), np.float32)

@@ -1,0 +1,393 @@
+"""Unlearning with client work: recovery methods that read the (compressed) history and ask the remaining
+clients for some exact updates.
+
+- ``fedrecover``: FedRecover (Cao et al., IEEE S&P 2023). Warm-up exact rounds, then each remaining client's
+  update is estimated from its stored update with a per-client L-BFGS Hessian-vector product,
+  g_i(w_u) ~ g_i(w) + H_i (w_u - w), whose pairs (w_u - w, exact - stored) come from the exact rounds;
+  periodic correction rounds; abnormality fixing (a client whose estimate has an entry above tau computes
+  exactly); the last rounds are exact (final tuning).
+- ``adaptive_recovery``: the project's own variant (not from a paper). FedRecover's estimator, but exact rounds
+  are spent where the recovered trajectory drifts: a round is exact when the offset w_u - w between the
+  recovered and the original trajectory has moved by more than ``drift`` (relative) since the last exact round,
+  within a client budget. The trigger is computed on the server, so it costs no client work.
+- ``federaser``: FedEraser (Liu et al., IWQoS 2021): every ``every``-th stored round, the remaining clients run
+  a fraction of their local work from the unlearned model; the server keeps each client's calibrated direction
+  with its stored update's norm.
+- ``finetune_baseline``: fine-tuning the attacked model on the remaining clients (no history at all), the
+  baseline every history-based method is compared with at equal client cost.
+
+Every method returns a ``Recovery``: the model and its client cost, local steps spent by the remaining clients
+over the local steps retraining would spend. Exact updates at round t use round t's client randomness, so an
+exact round is bit-for-bit the retraining run's round from the same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Iterable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medu_jax.compressors import Compressor
+from medu_jax.fedavg import ClientData, FedConfig, check_user_ids, fed_round, fed_rounds, weighted_mean
+from medu_jax.history import History, compressor_key
+
+PyTree = Any
+
+PROBE_STREAM = 3  # fold_in tag, within a round's key, of recovery's own randomness (after 0-2 of fedavg/history)
+
+
+class Recovery(NamedTuple):
+    """An unlearned model and what it cost the remaining clients.
+
+    client_steps: local optimizer steps the remaining clients ran; client_cost: that over retraining's local
+    steps (``retrain_steps``); exact_rounds: rounds in which every remaining client computed; fixed_updates:
+    single-client exact updates outside those rounds (abnormality fixing).
+    """
+
+    params: PyTree
+    client_steps: int
+    client_cost: float
+    exact_rounds: int
+    fixed_updates: int
+
+
+def retrain_steps(data: ClientData, cfg: FedConfig, remove: Iterable[int]) -> float:
+    """Local steps retraining without ``remove`` spends: rounds x local steps x the expected number of remaining
+    clients with data in a round (all of them at participation 1)."""
+    k = data.num_clients
+    keep = ~np.isin(np.arange(k), check_user_ids(remove, k))
+    m = max(1, int(round(cfg.participation * k)))
+    expected = min(m, k) * float(np.sum(keep & (np.asarray(data.n) > 0))) / k
+    return float(cfg.rounds * cfg.local_steps * max(expected, 1e-12))
+
+
+def _recovery(params, steps: int, data, cfg, remove, exact_rounds: int = 0, fixed: int = 0) -> Recovery:
+    leaves = jax.tree.leaves(params)
+    if not all(bool(jnp.all(jnp.isfinite(x))) for x in leaves):
+        raise FloatingPointError("recovery produced a non-finite model (NaN/inf): the estimated updates diverged; "
+                                 "use more exact rounds (smaller period) or a lower abnormality threshold")
+    return Recovery(params, int(steps), steps / retrain_steps(data, cfg, remove), int(exact_rounds), int(fixed))
+
+
+def lbfgs_hvp(S: jax.Array, Y: jax.Array, count: jax.Array, v: jax.Array) -> jax.Array:
+    """B v for the compact L-BFGS Hessian approximation from pairs (S[i], Y[i]) (Byrd, Nocedal & Schnabel 1994),
+    with B0 = sigma I, sigma = y's / s's of the newest pair, as FedRecover's (and FLDetector's) L-BFGS.
+
+    S, Y are (m, d), newest pair last, the ``count`` newest valid (older rows ignored). Zero when count is 0.
+    sigma = y's/s's (the curvature along s) rather than y'y/s'y: noise in y orthogonal to s (a compressed
+    history's coding error) does not inflate it.
+    """
+    m = S.shape[0]
+    ok = jnp.arange(m) >= m - count
+    s_last, y_last = S[-1], Y[-1]
+    sigma = jnp.where(count > 0, (y_last @ s_last) / jnp.where(count > 0, s_last @ s_last, 1.0), 0.0)
+    sy = S @ Y.T
+    low = jnp.tril(sy, -1)
+    top = jnp.concatenate([sigma * (S @ S.T), low], axis=1)
+    bot = jnp.concatenate([low.T, -jnp.diag(jnp.diag(sy))], axis=1)
+    mm = jnp.concatenate([top, bot], axis=0)
+    ok2 = jnp.concatenate([ok, ok])
+    mm = jnp.where(ok2[:, None] & ok2[None, :], mm, 0.0) + jnp.diag(jnp.where(ok2, 0.0, 1.0))
+    rhs = jnp.where(ok2, jnp.concatenate([sigma * (S @ v), Y @ v]), 0.0)
+    p = jnp.linalg.solve(mm, rhs)
+    bv = sigma * v - (sigma * (p[:m] @ S) + p[m:] @ Y)
+    return jnp.where(count > 0, bv, 0.0)
+
+
+def _hvp(S, Y, count, v, scalar: bool):
+    """Per-client B_i v: the L-BFGS compact form, or (``scalar``) sigma_i v alone, sigma_i = y's/s's of the
+    newest pair: a curvature that coding noise in y (orthogonal to s) cannot blow up."""
+    if not scalar:
+        return jax.vmap(lambda s, y, c: lbfgs_hvp(s, y, c, v))(S, Y, count)
+    s, y = S[:, -1], Y[:, -1]
+    sigma = jnp.where(count > 0, jnp.sum(y * s, 1) / jnp.maximum(jnp.sum(s * s, 1), 1e-30), 0.0)
+    return sigma[:, None] * v[None, :]
+
+
+def _flat(tree: PyTree) -> jax.Array:
+    """One float32 vector of a pytree's leaves."""
+    return jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)])
+
+
+def _flat_users(tree: PyTree) -> jax.Array:
+    """(K, d) float32 rows of a pytree whose leaves are (K, ...)."""
+    leaves = jax.tree.leaves(tree)
+    k = leaves[0].shape[0]
+    return jnp.concatenate([x.reshape(k, -1).astype(jnp.float32) for x in leaves], axis=1)
+
+
+def _unflat(flat: jax.Array, like: PyTree) -> PyTree:
+    leaves, treedef = jax.tree.flatten(like)
+    sizes = np.cumsum([int(np.prod(np.shape(x))) for x in leaves])[:-1]
+    return treedef.unflatten([p.reshape(np.shape(x)).astype(jnp.result_type(x))
+                              for p, x in zip(jnp.split(flat, sizes), leaves)])
+
+
+@functools.partial(jax.jit, static_argnames=("compressor",))
+def _decode(compressor: Compressor, message, state, key):
+    decoded, valid, state = compressor.decode(message, state, key)
+    return _flat_users(decoded), valid, state
+
+
+@functools.partial(jax.jit, static_argnames=("scalar",))
+def _estimate(w_u, w_o, stored, valid, keep, S, Y, count, tau, offset, scalar: bool):
+    """FedRecover's estimate of every client's update at w_u: stored - B_i (w_u - w) (+ ``offset``, the anchored
+    variant's residual), and which remaining clients are abnormal (an entry above tau, or non-finite)."""
+    v = w_u - w_o
+    est = stored - _hvp(S, Y, count, v, scalar) + offset
+    big = jnp.max(jnp.abs(est), axis=1)
+    abnormal = keep & valid & ~(big <= tau)  # NaN compares False: non-finite estimates are abnormal too
+    return est, abnormal
+
+
+@jax.jit
+def _add_pairs(S, Y, count, s, y, mask):
+    """Appends the pair (s, y_i) to the buffers of the clients in ``mask`` whose pair has positive curvature."""
+    k = S.shape[0]
+    s_n = jnp.concatenate([S[:, 1:], jnp.broadcast_to(s, (k, 1, s.shape[0]))], axis=1)
+    y_n = jnp.concatenate([Y[:, 1:], y[:, None]], axis=1)
+    ok = mask & (y @ s > 1e-12 * jnp.linalg.norm(s) * jnp.linalg.norm(y, axis=1)) & jnp.all(jnp.isfinite(y), 1)
+    return (jnp.where(ok[:, None, None], s_n, S), jnp.where(ok[:, None, None], y_n, Y),
+            jnp.where(ok, jnp.minimum(count + 1, S.shape[1]), count))
+
+
+@functools.partial(jax.jit, static_argnames=("scalar",))
+def _anchor(offset, exact, stored, v, S, Y, count, mask, scalar: bool):
+    """The residual exact - (stored - B v) of the clients in ``mask``, kept as their offset until their next
+    exact update (zero when B's newest pair is this one: the secant condition already holds)."""
+    bv = _hvp(S, Y, count, v, scalar)
+    return jnp.where(mask[:, None], exact - stored + bv, offset)
+
+
+@jax.jit
+def _step(w_u, rows, mask, weights, lr):
+    return w_u + lr * weighted_mean(rows, mask, weights)
+
+
+@jax.jit
+def _round_tau(stored, valid, allowed):
+    """tau_t: the least float32 magnitude that at most ``allowed`` of a round's stored entries (valid users)
+    exceed, found exactly by bisection on the bit patterns (non-negative floats order like their int32 bits):
+    32 counting passes, far cheaper on CPU than sorting or top_k."""
+    a = jax.lax.bitcast_convert_type(jnp.where(valid[:, None], jnp.abs(stored), 0.0), jnp.int32).ravel()
+
+    def body(_, lohi):
+        lo, hi = lohi
+        mid = lo + (hi - lo) // 2
+        ok = jnp.sum(a > mid) <= allowed
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    lo, _ = jax.lax.fori_loop(0, 32, body, (jnp.int32(0), jnp.max(a)))
+    return jax.lax.bitcast_convert_type(lo, jnp.float32)
+
+
+def abnormality_threshold(history: History, alpha: float) -> float:
+    """FedRecover's tau = max_t tau_t, tau_t such that a fraction ``alpha`` of the entries of round t's stored
+    updates exceed it (the paper's tolerance rate). alpha = 0 gives tau = inf (no abnormality fixing)."""
+    if not 0.0 <= float(alpha) < 1.0:
+        raise ValueError(f"alpha (tolerance rate) must be in [0, 1), got {alpha!r}")
+    if alpha == 0:
+        return math.inf
+    state, tau = _init_state(history), -math.inf
+    for i, t, msg in _messages(history):
+        stored, valid, state = _decode(history.compressor, msg, state, compressor_key(history.seed, t))
+        n = int(jnp.sum(valid)) * stored.shape[1]
+        if n:
+            tau = max(tau, float(_round_tau(stored, valid, int(alpha * n))))
+    return tau
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init_state_jit(compressor: Compressor, like):
+    return compressor.init(like.zeros())
+
+
+def _init_state(history: History):
+    return _init_state_jit(history.compressor, history.like)
+
+
+def _messages(history: History):
+    """(record index, round id, one round's message) in order."""
+    ids = history.round_ids
+    for i in range(history.num_rounds):
+        yield i, ids[i], jax.tree.map(lambda a: a[0], history.expand([i]))
+
+
+def _check(history: History, remove, data: ClientData, cfg: FedConfig, method: str):
+    remove = list(remove)
+    if not remove:
+        raise ValueError(f"{method}: the remove set is empty")
+    if data.num_clients != history.num_users:
+        raise ValueError(f"{method}: the data has {data.num_clients} clients, the history {history.num_users}")
+    k = history.num_users
+    excl = np.isin(np.arange(k), check_user_ids(remove, k))
+    return remove, jnp.asarray(excl), jnp.ones((k,), jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Schedule:
+    """Which rounds are exact: fixed ones, and (adaptive) rounds where the trajectory offset drifted."""
+
+    fixed: frozenset
+    drift: float = math.inf
+    budget: float = math.inf  # client cost fraction the adaptive rounds may spend (fixed rounds always run)
+
+
+def _recover(history: History, remove, apply_fn, tx, data: ClientData, cfg: FedConfig, schedule: _Schedule,
+             memory: int, alpha: float, method: str, anchored: bool = False) -> Recovery:
+    """The FedRecover loop over the history's rounds (see ``fedrecover``)."""
+    remove, excl, ones = _check(history, remove, data, cfg, method)
+    if int(memory) < 1:
+        raise ValueError(f"memory (L-BFGS pairs) must be >= 1, got {memory}")
+    tau = jnp.float32(abnormality_threshold(history, alpha))
+    keep, weights = ~excl, jnp.asarray(history.weights, jnp.float32)
+    w_u = jax.tree.map(jnp.asarray, history.params0)
+    w_o = _flat(w_u)
+    k, d = history.num_users, w_o.shape[0]
+    S, Y, count = jnp.zeros((k, memory, d)), jnp.zeros((k, memory, d)), jnp.zeros((k,), jnp.int32)
+    offset = jnp.zeros((k, d), jnp.float32)  # anchored: exact - (stored - B v) at each client's last exact update
+    state, steps, exact_rounds, fixed = _init_state(history), 0, 0, 0
+    full = retrain_steps(data, cfg, remove)
+    anchor = None  # w_u - w at the last exact round (the adaptive trigger's reference)
+    for i, t, msg in _messages(history):
+        stored, valid, state = _decode(history.compressor, msg, state, compressor_key(history.seed, t))
+        stored_valid, flat_u = valid, _flat(w_u)
+        v = flat_u - w_o
+        exact = i in schedule.fixed
+        reserve = sum(1 for j in schedule.fixed if j > i) * full / max(history.num_rounds, 1)
+        if not exact and anchor is not None and math.isfinite(schedule.drift) and \
+                (steps + reserve) / full + 1.0 / max(history.num_rounds, 1) <= schedule.budget:
+            moved = float(jnp.linalg.norm(v - anchor) / jnp.maximum(jnp.linalg.norm(anchor), 1e-30))
+            exact = moved > schedule.drift
+        if exact:
+            new, ups, active, _ = fed_round(apply_fn, tx, cfg, w_u, data, t, excl, ones)
+            ex = _flat_users(ups)
+            S, Y, count = _add_pairs(S, Y, count, v, stored - ex, active & valid & keep)
+            if anchored:
+                offset = _anchor(offset, ex, stored, v, S, Y, count, active & valid & keep, anchored)
+            steps += int(jnp.sum(active)) * cfg.local_steps
+            exact_rounds += 1
+            anchor = v
+            w_u = new
+        else:
+            est, abnormal = _estimate(flat_u, w_o, stored, valid, keep, S, Y, count, tau, offset, anchored)
+            if bool(jnp.any(abnormal)):  # abnormality fixing: those clients compute their exact update
+                _, ups, active, _ = fed_round(apply_fn, tx, cfg, w_u, data, t, ~abnormal, ones)
+                ex = _flat_users(ups)
+                S, Y, count = _add_pairs(S, Y, count, v, stored - ex, active & valid)
+                if anchored:
+                    offset = _anchor(offset, ex, stored, v, S, Y, count, active & valid, anchored)
+                est = jnp.where(active[:, None], ex, est)
+                n = int(jnp.sum(active))
+                steps, fixed = steps + n * cfg.local_steps, fixed + n
+                valid = valid & ~(abnormal & ~active)
+            w_u = _unflat(_step(flat_u, est, valid & keep, weights, history.server_lr), w_u)
+        w_o = _step(w_o, stored, stored_valid, weights, history.server_lr)  # the original trajectory
+    return _recovery(w_u, steps, data, cfg, remove, exact_rounds, fixed)
+
+
+def fedrecover(history: History, remove: Iterable[int], apply_fn, tx, data: ClientData, cfg: FedConfig,
+               warmup: int = 5, period: int = 10, tune: int = 5, memory: int = 2, alpha: float = 1e-4) -> Recovery:
+    """FedRecover (Cao et al. 2023) over a float32 or compressed history.
+
+    Rounds 0..``warmup``-1, every ``period``-th round after the warm-up (0: none) and the last ``tune`` rounds
+    are exact rounds of the remaining clients from the recovered model (the pairs (w_u - w, stored - exact) of
+    each client join its L-BFGS buffer of ``memory`` pairs); the other rounds use the estimated updates
+    stored_i - B_i (w_u - w). A remaining client whose estimate has an entry above tau (``alpha``: tolerance
+    rate, see ``abnormality_threshold``; 0 turns fixing off) or a non-finite one computes its exact update.
+    The paper gives no values for our schedules: these defaults spend about 20-30% of retraining's client work
+    over 60-100 rounds.
+    """
+    t = history.num_rounds
+    for name, v in (("warmup", warmup), ("period", period), ("tune", tune)):
+        if int(v) < 0:
+            raise ValueError(f"fedrecover: {name} must be >= 0, got {v}")
+    fixed = frozenset(i for i in range(t) if i < warmup or i >= t - tune
+                      or (period and i >= warmup and (i - warmup + 1) % period == 0))
+    return _recover(history, remove, apply_fn, tx, data, cfg, _Schedule(fixed), memory, alpha, "fedrecover")
+
+
+def adaptive_recovery(history: History, remove: Iterable[int], apply_fn, tx, data: ClientData, cfg: FedConfig,
+                      warmup: int = 5, tune: int = 5, drift: float = 0.5, budget: float = 0.3, memory: int = 2,
+                      alpha: float = 1e-4) -> Recovery:
+    """The project's adaptive variant of FedRecover: exact rounds where the recovered trajectory drifts.
+
+    Warm-up and final tuning as in ``fedrecover``; in between, a round is exact when the offset w_u - w of the
+    recovered from the original trajectory has moved by more than ``drift`` (relative to its size at the last
+    exact round), as long as the client cost spent so far is below ``budget`` (a fraction of retraining's).
+    Curvature pairs go stale as the offset moves, so exact work goes where the estimate is least trustworthy,
+    and the trigger is computed on the server at no client cost.
+    """
+    if not drift > 0:
+        raise ValueError(f"adaptive_recovery: drift must be > 0, got {drift!r}")
+    t = history.num_rounds
+    fixed = frozenset(i for i in range(t) if i < warmup or i >= t - tune)
+    return _recover(history, remove, apply_fn, tx, data, cfg, _Schedule(fixed, float(drift), float(budget)),
+                    memory, alpha, "adaptive_recovery")
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "tx", "cal_cfg"))
+def _calibrated_step(apply_fn, tx, cal_cfg: FedConfig, w, data, t, excl, ones, stored, valid, weights, lr):
+    """FedEraser's step: w + lr * weighted mean over remaining clients of |stored_k| * cal_k / |cal_k|."""
+    _, cal, active, _ = fed_round(apply_fn, tx, cal_cfg, w, data, t, excl, ones)
+    cal = _flat_users(cal)
+    norm = jnp.linalg.norm(stored, axis=1) / jnp.maximum(jnp.linalg.norm(cal, axis=1), 1e-30)
+    agg = weighted_mean(cal * norm[:, None], valid & active & ~excl, weights)
+    return _unflat(_flat(w) + lr * agg, w), jnp.sum(active)
+
+
+def calibrated_replay(history: History, remove, apply_fn, tx, data: ClientData, cfg: FedConfig, cal_steps: int,
+                      every: int, start: int, w: PyTree, first_direct: bool, method: str) -> Recovery:
+    """FedEraser's calibration over records start, start + every, ... of ``history`` from the model ``w``
+    (shared with Crab): decodes every record in order (closed loop) and takes one calibrated step per used one."""
+    remove, excl, ones = _check(history, remove, data, cfg, method)
+    if int(cal_steps) < 1 or int(every) < 1:
+        raise ValueError(f"{method}: cal_steps and every must be >= 1, got {cal_steps}, {every}")
+    cal_cfg = dataclasses.replace(cfg, local_steps=int(cal_steps))
+    weights = jnp.asarray(history.weights, jnp.float32)
+    state, steps = _init_state(history), 0
+    for i, t, msg in _messages(history):
+        stored, valid, state = _decode(history.compressor, msg, state, compressor_key(history.seed, t))
+        if i < start or (i - start) % every:
+            continue
+        if first_direct and i == start:  # the first round starts from w^0, untouched by the removed clients
+            w = _unflat(_step(_flat(w), stored, valid & ~excl, weights, history.server_lr), w)
+            continue
+        w, n = _calibrated_step(apply_fn, tx, cal_cfg, w, data, t, excl, ones, stored, valid, weights,
+                                history.server_lr)
+        steps += int(n) * int(cal_steps)
+    return _recovery(w, steps, data, cfg, remove)
+
+
+def federaser(history: History, remove: Iterable[int], apply_fn, tx, data: ClientData, cfg: FedConfig,
+              every: int = 2, ratio: float = 0.5) -> Recovery:
+    """FedEraser (Liu et al. 2021): calibration training every ``every``-th stored round (the paper's retention
+    interval, default 2) with ``ratio`` of the local work (the paper's calibration ratio r, default 0.5:
+    ceil(r E) local steps), starting from the unlearned model; each client keeps its calibrated direction with
+    its stored update's norm, and the unlearned model takes one step per retained round. The first retained
+    round is applied as stored (w^0 carries no influence of the removed clients), as in the paper."""
+    if not 0.0 < float(ratio) <= 1.0:
+        raise ValueError(f"federaser: ratio must be in (0, 1], got {ratio!r}")
+    cal = max(1, math.ceil(float(ratio) * cfg.local_steps))
+    w = jax.tree.map(jnp.asarray, history.params0)
+    return calibrated_replay(history, remove, apply_fn, tx, data, cfg, cal, every, 0, w, True, "federaser")
+
+
+def finetune_baseline(params: PyTree, remove: Iterable[int], apply_fn, tx, data: ClientData, cfg: FedConfig,
+                      rounds: int) -> Recovery:
+    """Fine-tuning the attacked model: ``rounds`` exact FedAvg rounds of the remaining clients from ``params``
+    (no history). Round keys continue after training's (t = cfg.rounds, ...)."""
+    remove = list(remove)
+    k = data.num_clients
+    excl = jnp.asarray(np.isin(np.arange(k), check_user_ids(remove, k)))
+    if int(rounds) < 1:
+        return _recovery(params, 0, data, cfg, remove)
+    out = fed_rounds(apply_fn, tx, cfg, params, data, cfg.rounds, excl, jnp.ones((k,), jnp.float32), (), (),
+                     int(rounds))
+    steps = int(np.sum(np.asarray(out[2].active))) * cfg.local_steps
+    return _recovery(out[0], steps, data, cfg, remove)
