@@ -1,9 +1,14 @@
 """Durable history: round trip, crash mid-save and resume, corruption and foreign files."""
 
+import contextlib
+import errno
+import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +55,7 @@ def test_store_round_trip_is_exact(tmp_path):
         for r1, r2 in zip(loaded.records, hist.records):
             assert r1.keys() == r2.keys() and all(np.array_equal(r1[k], r2[k]) and r1[k].dtype == r2[k].dtype
                                                   for k in r1)
-        assert same(mj.unlearn(loaded, [4]), mj.unlearn(hist, [4]))
+        assert same(mj.replay(loaded, [4]), mj.replay(hist, [4]))
         # without a template, flax's nested dicts are rebuilt from the stored paths
         assert same(mj.replay(S.load_history(str(tmp_path / "s" / name))), mj.replay(hist))
     with pytest.raises(FileExistsError, match="resume=True"):
@@ -79,8 +84,10 @@ def test_killed_mid_save_reloads_to_last_complete_round_and_resumes_bit_identica
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     ns = setup()
-    h = S.load_history(str(crash / "medu"), ns["params0"])
+    with pytest.warns(S.IncompleteHistoryWarning, match="holds 3 of 6 rounds"):
+        h = S.load_history(str(crash / "medu"), ns["params0"])
     assert h.num_rounds == 3  # rounds 0..2 complete, round 3 was in flight
+    assert S.store_info(str(crash / "medu"))[1:4] == (3, 6, False)
     resumed = mj.train(ns["model"].apply, ns["tx"], ns["params0"], ns["clients"], ns["cfg"], ns["comps"],
                        store=str(crash), resume=True)
     full = mj.train(ns["model"].apply, ns["tx"], ns["params0"], ns["clients"], ns["cfg"], ns["comps"])
@@ -88,16 +95,25 @@ def test_killed_mid_save_reloads_to_last_complete_round_and_resumes_bit_identica
     for name in full.histories:
         a, b = S.load_history(str(crash / name), ns["params0"]), full.histories[name]
         assert a.num_rounds == 6 and all(same(x, y) for x, y in zip(a.records, b.records))
+        assert S.store_info(str(crash / name)).complete
 
 
-@pytest.fixture
-def saved(tmp_path):
+@pytest.fixture(scope="module")
+def saved_once(tmp_path_factory):
     ns = setup()
     cfg = mj.FedConfig(rounds=3, local_steps=1, batch_size=8, seed=2)
     run = mj.train(ns["model"].apply, ns["tx"], ns["params0"], ns["clients"], cfg, {"m": ns["comps"]["medu"]})
-    path = str(tmp_path / "h")
+    path = str(tmp_path_factory.mktemp("saved") / "h")
     S.save_history(run.histories["m"], path)
     return path, ns
+
+
+@pytest.fixture
+def saved(saved_once, tmp_path):
+    """A 3-round store written by save_history, a fresh copy per test (tests damage it)."""
+    path = str(tmp_path / "h")
+    shutil.copytree(saved_once[0], path)
+    return path, saved_once[1]
 
 
 def test_flipped_bytes_name_the_corrupted_array(saved):
@@ -125,10 +141,14 @@ def test_lost_chunk_is_caught_by_the_commit_checksum(saved):
 
 def test_truncated_chunk_and_torn_commit(saved):
     path, _ = saved
-    # a torn last commit (the round in flight) is dropped; a torn earlier commit is corruption
+    # in a store marked complete, a torn last commit is damage; in one cut short, it is the round in flight
     last = os.path.join(path, "commits", "2", "zarr.json")
     open(last, "w").write('{"attributes": {"rou')
-    assert S.load_history(path).num_rounds == 2
+    with pytest.raises(S.HistoryFileError, match="commit of round 2 is corrupted"):
+        S.load_history(path)
+    shutil.rmtree(os.path.join(path, "final"))
+    with pytest.warns(S.IncompleteHistoryWarning, match="holds 2 of 3 rounds"):
+        assert S.load_history(path).num_rounds == 2
     first = os.path.join(path, "commits", "0", "zarr.json")
     open(first, "w").write("{")
     with pytest.raises(S.HistoryFileError, match="commit of round 0 is corrupted"):
@@ -188,7 +208,7 @@ def test_offloaded_training_keeps_rounds_on_disk_and_replays_the_same_bits(tmp_p
         assert h.nbytes == ref.nbytes and h.round_ids == ref.round_ids
         assert same(h.masks(), ref.masks())
         for chunk in (None, 2):  # chunked replay reads two rounds of rows at a time from disk
-            assert same(mj.unlearn(h, [4], chunk=chunk), mj.unlearn(ref, [4]))
+            assert same(mj.replay(h, [4], chunk=chunk), mj.replay(ref, [4]))
         with pytest.raises(TypeError, match="read-only"):
             h.records.append({})
         lazy = S.load_history(str(tmp_path / "s" / name), ns["params0"], lazy=True)
@@ -216,3 +236,289 @@ def test_a_lazy_history_finds_corruption_when_replay_reads_the_round(saved):
     assert lazy.masks().present.shape[0] == 3  # the masks are intact and read without the rows
     with pytest.raises(S.HistoryFileError, match=r"round 1: array 'rounds/1/row:0' is corrupted"):
         mj.replay(lazy)
+
+
+# ------------------------------------------------------------------ every byte in one chain (issue 16)
+
+
+def edit_json(path, fn, attrs=True):
+    """Rewrites a zarr.json with fn applied to its attributes (attrs=False: to the whole document)."""
+    with open(path) as f:
+        doc = json.load(f)
+    fn(doc["attributes"] if attrs else doc)
+    with open(path, "w") as f:
+        json.dump(doc, f)
+
+
+def set_lattice(a, name):
+    next(layer for layer in a["compressor"] if layer["layer"] == "LatticeCoding")["lattice"] = name
+
+
+@pytest.mark.parametrize("key, change", [
+    ("seed", lambda a: a.update(seed=3)),  # one flipped bit: 2 -> 3
+    ("server_lr", lambda a: a.update(server_lr=2.0)),
+    ("compressor", lambda a: set_lattice(a, "Z")),
+    ("run", lambda a: a.update(run={"fed": {}})),
+])
+def test_a_changed_root_attribute_is_named(saved, key, change):
+    path, _ = saved
+    edit_json(os.path.join(path, "zarr.json"), change)
+    with pytest.raises(S.HistoryFileError, match=f"root attribute '{key}' does not match its checksum"):
+        S.load_history(path)
+
+
+def test_a_changed_attribute_with_a_recomputed_checksum_breaks_the_commit_chain(saved):
+    path, _ = saved
+
+    def forge(a):
+        a["seed"] = 3
+        a["checks"]["seed"] = S._jcrc(3)
+
+    edit_json(os.path.join(path, "zarr.json"), forge)
+    with pytest.raises(S.HistoryFileError, match="commit of round 0 was written for other root attributes"):
+        S.load_history(path)
+
+
+@pytest.mark.parametrize("what, match", [
+    ("params0/1", r"params0: array '1' does not match its committed checksum"),
+    ("weights", r"array 'weights' does not match its committed checksum"),
+])
+def test_a_lost_chunk_of_params0_or_weights_is_named(saved, what, match):
+    path, _ = saved
+    for d, _, fs in os.walk(os.path.join(path, what, "c")):
+        for f in fs:
+            os.remove(os.path.join(d, f))  # zarr would read zeros
+    with pytest.raises(S.HistoryFileError, match=match):
+        S.load_history(path)
+
+
+def test_a_deleted_middle_commit_is_a_gap(saved):
+    path, _ = saved
+    shutil.rmtree(os.path.join(path, "commits", "1"))
+    with pytest.raises(S.HistoryFileError, match=r"commit of round 1 is missing, but rounds \[2\] are committed"):
+        S.load_history(path)
+
+
+def test_a_deleted_last_commit_is_not_a_shorter_finished_run(saved):
+    path, _ = saved
+    assert S.store_info(path)[1:4] == (3, 3, True)
+    shutil.rmtree(os.path.join(path, "commits", "2"))
+    with pytest.raises(S.HistoryFileError, match="marked complete with 3 rounds, but its commits hold 2"):
+        S.load_history(path)
+    shutil.rmtree(os.path.join(path, "final"))  # and without the mark, the commits still say 3 rounds were planned
+    assert S.store_info(path)[1:4] == (2, 3, False)
+    with pytest.warns(S.IncompleteHistoryWarning, match="cut short: it holds 2 of 3 rounds"):
+        S.load_history(path)
+
+
+def test_a_replaced_commit_or_a_forged_completion_mark_is_named(saved):
+    path, _ = saved
+    final = os.path.join(path, "final", "zarr.json")
+    edit_json(final, lambda a: a.update(rounds=2))
+    with pytest.raises(S.HistoryFileError, match=r"completion mark \('final'\) is corrupted"):
+        S.load_history(path)
+
+    def forge(a):  # a commit rewritten with a valid checksum of its own, but not the one its successor follows
+        a["prev"] = 12345
+        a["crc"] = S._jcrc({k: v for k, v in a.items() if k != "crc"})
+
+    shutil.rmtree(os.path.join(path, "final"))
+    edit_json(os.path.join(path, "commits", "1", "zarr.json"), forge)
+    with pytest.raises(S.HistoryFileError, match="commit of round 1 does not follow the commit of round 0"):
+        S.load_history(path)
+
+
+def test_shapes_on_disk_are_checked_before_anything_is_allocated(saved):
+    path, _ = saved
+    # a chunk header claiming 30000 x 30000: refused from the metadata, before reading
+    edit_json(os.path.join(path, "rounds", "1", "row:0", "zarr.json"), lambda d: d.update(shape=[30000, 30000]),
+              attrs=False)
+    lazy = S.load_history(path, lazy=True)
+    with pytest.raises(S.HistoryFileError, match=r"round 1: array 'rounds/1/row:0' is \[30000, 30000\] .* on disk, "
+                                                 r"but was written as"):
+        lazy.records[1]["row:0"]
+
+    def users(n):  # a store claiming n users, its checksums recomputed: still refused
+        def forge(a):
+            for leaf in a["like"]["leaves"]:
+                leaf[0][0] = n
+            a["checks"]["like"] = S._jcrc(a["like"])
+        return forge
+
+    root = os.path.join(path, "zarr.json")
+    edit_json(root, users(10**12))
+    with pytest.raises(S.HistoryFileError, match=r"impossible history \(1000000000000 users\)"):
+        S.load_history(path)
+    edit_json(root, users(6))  # K = 6 in the attributes, 5 weights on disk
+    with pytest.raises(S.HistoryFileError, match=r"impossible history \(weights .* for 6 users\)"):
+        S.load_history(path)
+
+
+@pytest.fixture(scope="module")
+def ref3(tmp_path_factory):
+    """A stored 3-round run (two histories) as the reference of the crash, disk-full and lock tests."""
+    ns = setup()
+    cfg = mj.FedConfig(rounds=3, local_steps=1, batch_size=8, seed=2)
+    args = (ns["model"].apply, ns["tx"], ns["params0"], ns["clients"], cfg, ns["comps"])
+    return ns, args, mj.train(*args, store=str(tmp_path_factory.mktemp("ref3") / "s"))
+
+
+def check_resumed(folder, ns, ref, run):
+    assert same(run.params, ref.params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", S.IncompleteHistoryWarning)  # complete: no warning
+        for name, h in ref.histories.items():
+            got = S.load_history(os.path.join(folder, name), ns["params0"])
+            assert got.num_rounds == 3 and all(same(a, b) for a, b in zip(got.records, h.records))
+    assert not [e for e in os.listdir(folder) if ".tmp-" in e or ".old-" in e]
+
+
+class Crash(Exception):
+    """The process stops here (no cleanup runs in the store code, as with SIGKILL)."""
+
+
+def test_a_crash_at_any_write_of_creation_or_appending_resumes_bit_identically(ref3, tmp_path, monkeypatch):
+    ns, args, ref = ref3
+    from zarr.storage import LocalStore
+
+    orig, calls = LocalStore.set, {"n": 0, "at": None}
+
+    async def set_or_crash(self, key, value):  # every file the stores write goes through here
+        calls["n"] += 1
+        if calls["n"] == calls["at"]:
+            raise Crash(key)
+        return await orig(self, key, value)
+
+    monkeypatch.setattr(LocalStore, "set", set_or_crash)
+    mj.train(*args, store=str(tmp_path / "count"))
+    total = calls["n"]  # files written by a whole run (both stores' creation, 3 rounds, commits, marks)
+    points = sorted({1, 2, 3, 6, 12, total // 2 - 1, total // 2, total - 2, total - 1, total}
+                    | set(range(5, total, total // 8)))
+    for at in points:
+        folder = str(tmp_path / f"crash{at}")
+        calls.update(n=0, at=at)
+        with pytest.raises(Crash):
+            mj.train(*args, store=folder)
+        calls["at"] = None
+        for name, h in ref.histories.items():  # a reader sees committed rounds only
+            if os.path.exists(os.path.join(folder, name)):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", S.IncompleteHistoryWarning)
+                    got = S.load_history(os.path.join(folder, name), ns["params0"])
+                assert all(same(a, b) for a, b in zip(got.records, h.records)), at
+        with pytest.raises(FileExistsError, match="resume=True") if any(
+                os.path.exists(os.path.join(folder, n)) for n in ref.histories) else contextlib.nullcontext():
+            mj.train(*args, store=folder)  # a fresh run refuses what is there (the lock was released)
+        check_resumed(folder, ns, ref, mj.train(*args, store=folder, resume=True))
+
+
+def test_a_full_disk_stops_the_run_with_a_clear_error_and_resume_continues(ref3, tmp_path, monkeypatch):
+    ns, args, ref = ref3
+    folder = str(tmp_path / "s")
+    orig = S._write
+
+    def full_disk(group, name, a):
+        if "rounds/1" in str(group.path):
+            with pytest.raises(S.StoreBusyError, match="being written by another process"):
+                S.StoreLock(folder)  # the run holds the lock while it writes
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return orig(group, name, a)
+
+    monkeypatch.setattr(S, "_write", full_disk)
+    with pytest.raises(OSError, match=r"writing round 1 to the history store .* failed \(No space left on device\); "
+                                      r"the store keeps its 1 committed rounds"):
+        mj.train(*args, store=folder)
+    monkeypatch.setattr(S, "_write", orig)
+    assert S.store_info(os.path.join(folder, "medu"))[1:4] == (1, 3, False)
+    check_resumed(folder, ns, ref, mj.train(*args, store=folder, resume=True))
+
+
+def test_a_second_writer_is_refused(ref3, tmp_path):
+    ns, args, ref = ref3
+    folder = tmp_path / "s"
+    folder.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, time
+        fd = os.open({str(folder / S.LOCK_NAME)!r}, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.pwrite(fd, b"pid %d" % os.getpid(), 0)
+        print("locked", flush=True)
+        time.sleep(120)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for resume in (False, True):
+            with pytest.raises(S.StoreBusyError, match=rf"being written by another process \(pid {holder.pid}\)"):
+                mj.train(*args, store=str(folder), resume=resume)
+    finally:
+        holder.kill()
+        holder.wait()
+    mj.train(*args, store=str(folder))  # the OS released the dead holder's lock
+    with S.StoreLock(str(folder)):  # and train released its own on return
+        pass
+
+
+def test_resume_refuses_another_configuration_naming_the_fields(tmp_path):
+    ns = setup()
+    store = str(tmp_path / "st")
+    cfg = mj.FedConfig(rounds=2, local_steps=1, batch_size=8, seed=2)
+    comps = {"m": ns["comps"]["medu"]}
+    base = dict(apply_fn=ns["model"].apply, tx=ns["tx"], params0=ns["params0"], data=ns["clients"], cfg=cfg,
+                compressors=comps)
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        mj.train(**base, store=store, resume=True)
+    mj.train(**base, store=store)
+    other_data = mj.data.make_clients(mj.data.load_digits(0), 5, seed=1)
+    cases = [
+        ({"tx": optax.sgd(0.2)}, "optimizer.probe"),  # learning rate
+        ({"tx": optax.sgd(optax.exponential_decay(0.1, 1, 0.5))}, "optimizer"),  # a schedule, same first step
+        ({"tx": optax.adam(0.1)}, "optimizer"),
+        ({"cfg": mj.FedConfig(rounds=4, local_steps=2, batch_size=8, seed=2)}, "fed.local_steps"),
+        ({"cfg": mj.FedConfig(rounds=2, local_steps=1, batch_size=8, seed=2, server_lr=0.5)}, "server_lr"),
+        ({"params0": ns["model"].init(jax.random.key(1), jnp.zeros((1, 64)))}, "params0"),
+        ({"data": other_data}, "data.x"),
+        ({"exclude": [1]}, "users.exclude"),
+        ({"update_scale": np.array([1, 1, 1, 1, -1.0])}, "users.update_scale"),
+    ]
+    for change, field in cases:
+        with pytest.raises(S.HistoryFileError, match=rf"written by a different run \(.*{field}.* differ\)"):
+            mj.train(**{**base, **change}, store=store, resume=True)
+    # the same run resumes (and with more rounds, extends the store; client_chunk is a memory knob)
+    more = mj.FedConfig(rounds=3, local_steps=1, batch_size=8, seed=2, client_chunk=5)
+    mj.train(**{**base, "cfg": more}, store=store, resume=True)
+    assert S.store_info(os.path.join(store, "m"))[1:4] == (3, 3, True)
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    ({"server_lr": float("nan")}, ValueError, "FedConfig.server_lr must be finite"),
+    ({"server_lr": float("inf")}, ValueError, "FedConfig.server_lr must be finite"),
+    ({"rounds": 2.5}, TypeError, "FedConfig.rounds must be an integer, got 2.5"),
+    ({"rounds": "3"}, TypeError, "FedConfig.rounds must be an integer, got '3'"),
+    ({"local_steps": True}, TypeError, "FedConfig.local_steps must be an integer"),
+    ({"batch_size": 0}, ValueError, "FedConfig.batch_size must be >= 1"),
+    ({"seed": 1.0}, TypeError, "FedConfig.seed must be an integer"),
+    ({"participation": "0.5"}, TypeError, "FedConfig.participation must be a number"),
+    ({"participation": float("nan")}, ValueError, "FedConfig.participation must be finite"),
+    ({"client_chunk": 2.0}, TypeError, "FedConfig.client_chunk must be an integer"),
+])
+def test_fedconfig_names_the_bad_field(kw, err, match):
+    with pytest.raises(err, match=match):
+        mj.FedConfig(**kw)
+
+
+def test_fedconfig_accepts_numpy_numbers():
+    cfg = mj.FedConfig(rounds=np.int64(3), participation=np.float32(0.5), server_lr=1, seed=np.int32(4))
+    assert cfg.rounds == 3
+
+
+def test_a_run_in_which_no_update_enters_the_aggregate_warns():
+    ns = setup()
+    cfg = mj.FedConfig(rounds=1, local_steps=1, batch_size=8, seed=2)
+    args = (ns["model"].apply, ns["tx"], ns["params0"])
+    with pytest.warns(RuntimeWarning, match="every update was rejected as non-finite"):
+        run = mj.train(*args, ns["clients"], cfg, update_scale=np.full(5, np.nan))
+    assert same(run.params, ns["params0"]) and run.log["rejected"] == [[0, 1, 2, 3, 4]]
+    with pytest.warns(RuntimeWarning, match="no client has data"):
+        mj.train(*args, ns["clients"]._replace(n=jnp.zeros_like(ns["clients"].n)), cfg)
+    with pytest.warns(RuntimeWarning, match="no client has data"):
+        mj.train(*args, ns["clients"], cfg, exclude=range(5))

@@ -121,11 +121,27 @@ class FedConfig:
     client_chunk: int | None = None
 
     def __post_init__(self):
+        def integer(name, v):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"FedConfig.{name} must be an integer, got {v!r} ({type(v).__name__})")
+
+        def real(name, v):
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise TypeError(f"FedConfig.{name} must be a number, got {v!r} ({type(v).__name__})")
+            if not np.isfinite(v):
+                raise ValueError(f"FedConfig.{name} must be finite, got {v!r}")
+
+        for name in ("rounds", "local_steps", "batch_size", "seed"):
+            integer(name, getattr(self, name))
         for name in ("rounds", "local_steps", "batch_size"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) < 1:
                 raise ValueError(f"FedConfig.{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.client_chunk is not None and int(self.client_chunk) < 1:
-            raise ValueError(f"FedConfig.client_chunk must be >= 1 or None, got {self.client_chunk!r}")
+        if self.client_chunk is not None:
+            integer("client_chunk", self.client_chunk)
+            if self.client_chunk < 1:
+                raise ValueError(f"FedConfig.client_chunk must be >= 1 or None, got {self.client_chunk!r}")
+        real("participation", self.participation)
+        real("server_lr", self.server_lr)
         if not 0.0 < float(self.participation) <= 1.0:
             raise ValueError(f"FedConfig.participation must be in (0, 1], got {self.participation!r}")
 
@@ -342,40 +358,67 @@ def _select(sel: Selection, t: int, prev: PyTree, new: PyTree, ups: PyTree, acti
 
 
 def _open_stores(store: str, resume: bool, histories: dict, states: dict, params0: PyTree, cfg: FedConfig,
-                 lazy: bool = False):
-    """Creates (or, resuming, reloads and checks) one store per history; returns (params, first round, writers)."""
+                 lazy: bool = False, run: dict | None = None):
+    """Takes the store folder's lock, then creates (or, resuming, reloads and checks) one store per history;
+    returns (params, first round, writers, lock). The caller releases the lock when the run ends, however."""
+    import warnings
+
     from medu_jax import store as S
 
     if not histories:
         raise ValueError("store= given but no full history to write")
+    if os.path.exists(store) and not os.path.isdir(store):
+        raise NotADirectoryError(f"store={store!r} is a file, not a folder for history stores")
+    if resume and not os.path.isdir(store):
+        raise FileNotFoundError(f"resume=True, but there is no history store at {store!r} (nothing to resume): "
+                                "start without resume, or give the folder of the run to continue")
     paths = {name: os.path.join(store, name) for name in histories}
-    existing = [p for p in paths.values() if os.path.exists(p)]
-    if not resume and existing:
-        raise FileExistsError(f"history store {existing[0]!r} exists: continue it with resume=True (medu: --resume) "
-                              "or choose a new folder")
-    if not (resume and existing):
-        os.makedirs(store, exist_ok=True)
-        return params0, 0, {n: S.HistoryWriter(p, histories[n]) for n, p in paths.items()}
-    missing = [p for p in paths.values() if not os.path.exists(p)]
-    if missing:
-        raise S.HistoryFileError(f"cannot resume: {missing} missing beside {existing}")
-    loaded = {n: S.load_history(p, params0, lazy) for n, p in paths.items()}
-    for n, h in loaded.items():
-        mine = histories[n]
-        if h.compressor != mine.compressor or h.seed != mine.seed or not np.array_equal(h.weights, mine.weights):
-            raise S.HistoryFileError(f"cannot resume {paths[n]!r}: it was written by a different run "
-                                     "(compressor, seed or client data differ)")
-    t0 = min(h.num_rounds for h in loaded.values())
-    if t0 > cfg.rounds:
-        raise S.HistoryFileError(f"cannot resume: the stores hold {t0} rounds, more than cfg.rounds={cfg.rounds}")
-    params, writers = params0, {}
-    for n, p in paths.items():
-        histories[n].records = loaded[n].records[:t0]
-        writers[n] = S.HistoryWriter.reopen(p)
-        writers[n].truncate(t0)
-        if t0:
-            params, states[n] = S.load_state(p, histories[n], t0 - 1)
-    return params, t0, writers
+    os.makedirs(store, exist_ok=True)
+    lock = S.StoreLock(store)
+    try:
+        S.remove_stale(store)  # temporary stores of a creation that crashed (we hold the lock)
+        existing = [p for p in paths.values() if os.path.exists(p)]
+        if not resume and existing:
+            raise FileExistsError(f"history store {existing[0]!r} exists: continue it with resume=True "
+                                  "(medu: --resume) or choose a new folder")
+        with warnings.catch_warnings():  # a store cut short is what a resume is for
+            warnings.simplefilter("ignore", S.IncompleteHistoryWarning)
+            loaded = {n: S.load_history(p, params0, lazy) for n, p in paths.items() if os.path.exists(p)}
+        p0 = [S._spec(np.asarray(x)) for x in jax.tree.leaves(params0)]
+        for n, h in loaded.items():
+            mine, info = histories[n], S.store_info(paths[n])
+            diff = [what for what, same in (
+                ("compressor", h.compressor == mine.compressor), ("seed", h.seed == mine.seed),
+                ("server_lr", h.server_lr == mine.server_lr),
+                ("client weights", np.array_equal(h.weights, mine.weights)), ("params0", info.params0 == p0),
+            ) if not same]
+            diff += S.run_differences(info.run, run) if run is not None else []
+            if diff:
+                raise S.HistoryFileError(f"cannot resume {paths[n]!r}: it was written by a different run "
+                                         f"({', '.join(diff)} differ)")
+        t0 = min((h.num_rounds for h in loaded.values()), default=0)
+        missing = [p for n, p in paths.items() if n not in loaded]
+        if missing and t0:
+            raise S.HistoryFileError(f"cannot resume: {missing} missing beside {existing}, which hold {t0} rounds")
+        if t0 > cfg.rounds:
+            raise S.HistoryFileError(f"cannot resume: the stores hold {t0} rounds, more than cfg.rounds={cfg.rounds}")
+        params, writers = params0, {}
+        for n, p in paths.items():
+            if n not in loaded:  # a new store (also one whose creation a crash interrupted: none has a round)
+                writers[n] = S.HistoryWriter(p, histories[n], run=run, planned=cfg.rounds)
+                continue
+            histories[n].records = loaded[n].records[:t0]
+            writers[n] = S.HistoryWriter.reopen(p)
+            writers[n].truncate(t0)
+            if t0 < cfg.rounds:
+                writers[n].unfinish()
+            writers[n].planned = cfg.rounds
+            if t0:
+                params, states[n] = S.load_state(p, histories[n], t0 - 1)
+        return params, t0, writers, lock
+    except BaseException:
+        lock.release()
+        raise
 
 
 def train(
@@ -437,62 +480,82 @@ def train(
     partial = [n for n, h in histories.items() if not h.selection.keeps_all]  # chosen on the host, round by round
     scanned = tuple(n for n in compressors if n not in partial)  # encoded inside the compiled rounds
     encoders = {n: jax.jit(compressors[n].encode) for n in partial}
-    writers, t0 = {}, 0
+    writers, t0, lock = {}, 0, None
     if offload and store is None:
         raise ValueError("offload=True keeps the histories on disk only: it needs store=")
     if store is not None:  # full histories go to disk; selective ones stay in memory (save_history after)
         if resume and partial:
             raise ValueError(f"resume=True needs full histories only; {partial} have a Selection")
         full = {n: histories[n] for n in scanned}
-        params, t0, writers = _open_stores(store, resume, full, states, params0, cfg, offload)
-    block = _block_size(rounds_per_call, [histories[n] for n in scanned], max(cfg.rounds - t0, 1),
-                        bool(partial or writers), progress)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+        from medu_jax.store import describe_run
 
-        bar = tqdm(total=cfg.rounds - t0, desc=desc, leave=False)
-    start = time.perf_counter()
-    excl_j, scale_j = jnp.asarray(excl), jnp.asarray(scale)
-    if mesh is not None:
-        data = shard_clients(data, mesh)
-    for t in range(t0, cfg.rounds, block):
-        n = min(block, cfg.rounds - t)
-        prev = params
-        params, new_states, out = fed_rounds(
-            apply_fn, tx, cfg, params, data, t, excl_j, scale_j, tuple(states[m] for m in scanned),
-            tuple(compressors[m] for m in scanned), n, mesh, bool(partial))
-        states.update(zip(scanned, new_states))
-        host = jax.device_get(out._replace(updates=None))  # one transfer per block; the updates stay put
-        for i in range(n):
-            log["rejected"].append(np.flatnonzero(host.rejected[i]).tolist())
-            for j, name in enumerate(scanned):
-                record = histories[name].append(jax.tree.map(lambda a: a[i], host.messages[j]), t + i,
-                                                keep=not (offload and name in writers))
-                if name in writers:
-                    writers[name].append(t + i, record, params, states[name])
-                log["overload"][name].append(int(host.overload[j][i]))
-                log["rel_error"][name].append(float(host.rel_error[j][i]))
-        for name in partial:  # block == 1: select this round's users on the host, then encode them
-            ups, active = jax.tree.map(lambda a: a[0], out.updates), out.active[0]
-            sel = histories[name].selection
-            act = _select(sel, t, prev, params, ups, active, last_kept[name])
-            if act is None:
-                continue
-            last_kept[name] = prev
-            msg, states[name], _, _, stats = encoders[name](ups, states[name], compressor_key(cfg.seed, t), act)
-            histories[name].append(msg, t, prev if sel.checkpoints else None,
-                                   active if sel.user_fraction < 1 else None)
-            log["overload"][name].append(int(stats.overload))
-            log["rel_error"][name].append(float(_rel_error(stats)))
+        run = describe_run(apply_fn, tx, params0, data, cfg, excl, scale)
+        params, t0, writers, lock = _open_stores(store, resume, full, states, params0, cfg, offload, run)
+    try:  # a store's lock is held until the run ends, however it ends
+        entered = 0  # updates that entered the aggregate
+        block = _block_size(rounds_per_call, [histories[n] for n in scanned], max(cfg.rounds - t0, 1),
+                            bool(partial or writers), progress)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.rounds - t0, desc=desc, leave=False)
+        start = time.perf_counter()
+        excl_j, scale_j = jnp.asarray(excl), jnp.asarray(scale)
+        if mesh is not None:
+            data = shard_clients(data, mesh)
+        for t in range(t0, cfg.rounds, block):
+            n = min(block, cfg.rounds - t)
+            prev = params
+            params, new_states, out = fed_rounds(
+                apply_fn, tx, cfg, params, data, t, excl_j, scale_j, tuple(states[m] for m in scanned),
+                tuple(compressors[m] for m in scanned), n, mesh, bool(partial))
+            states.update(zip(scanned, new_states))
+            host = jax.device_get(out._replace(updates=None))  # one transfer per block; the updates stay put
+            entered += int(np.sum(host.active))
+            for i in range(n):
+                log["rejected"].append(np.flatnonzero(host.rejected[i]).tolist())
+                for j, name in enumerate(scanned):
+                    record = histories[name].append(jax.tree.map(lambda a: a[i], host.messages[j]), t + i,
+                                                    keep=not (offload and name in writers))
+                    if name in writers:
+                        writers[name].append(t + i, record, params, states[name])
+                    log["overload"][name].append(int(host.overload[j][i]))
+                    log["rel_error"][name].append(float(host.rel_error[j][i]))
+            for name in partial:  # block == 1: select this round's users on the host, then encode them
+                ups, active = jax.tree.map(lambda a: a[0], out.updates), out.active[0]
+                sel = histories[name].selection
+                act = _select(sel, t, prev, params, ups, active, last_kept[name])
+                if act is None:
+                    continue
+                last_kept[name] = prev
+                msg, states[name], _, _, stats = encoders[name](ups, states[name], compressor_key(cfg.seed, t), act)
+                histories[name].append(msg, t, prev if sel.checkpoints else None,
+                                       active if sel.user_fraction < 1 else None)
+                log["overload"][name].append(int(stats.overload))
+                log["rel_error"][name].append(float(_rel_error(stats)))
+            if bar is not None:
+                bar.update(n)
         if bar is not None:
-            bar.update(n)
-    if bar is not None:
-        bar.close()
-    if offload:
-        from medu_jax.store import StoredRecords
+            bar.close()
+        if not entered and cfg.rounds > t0:
+            import warnings
 
-        for name, w in writers.items():
-            histories[name].records = StoredRecords(w.path)
-    jax.block_until_ready(params)
-    return TrainResult(params, histories, log, time.perf_counter() - start)
+            has_data = np.any((np.asarray(data.n) > 0) & ~excl)
+            why = ("no client has data, or every client with data is excluded" if not has_data else
+                   "every update was rejected as non-finite" if any(log["rejected"]) else
+                   "no participating client had data")
+            warnings.warn(f"train: no update entered the aggregate in rounds {t0}..{cfg.rounds - 1} ({why}): "
+                          "the model did not change", RuntimeWarning, stacklevel=2)
+        for w in writers.values():  # every round is committed: mark the stores complete
+            w.finish()
+        if offload:
+            from medu_jax.store import StoredRecords
+
+            for name, w in writers.items():
+                histories[name].records = StoredRecords(w.path)
+        jax.block_until_ready(params)
+        return TrainResult(params, histories, log, time.perf_counter() - start)
+    finally:
+        if lock is not None:
+            lock.release()

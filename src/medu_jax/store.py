@@ -1,26 +1,42 @@
-"""Durable history on disk: a zarr v3 group appended round by round, checksummed, never pickled.
+"""Durable history on disk: a zarr v3 group appended round by round, checksummed in one chain, never pickled.
 
 Why zarr: typed, chunked arrays in plain files (readable from any language), appendable one round at a time,
 with a crc32c codec that checksums every chunk; orbax-checkpoint is built for whole-checkpoint saves, not for
 an append-only log of small records. Layout of a store (one ``History``):
 
-  attrs                      format, version, compressor config, update structure, seed, server_lr, round keys
-  params0/<i>, weights       written once, at creation
-  rounds/<t>/<key>           round t's compact record (packed masks, flags, payload rows)
-  state/<t % 2>/...          training state after round t (global params, compressor state), two slots
-  commits/<t>                written last: the crc32 of every array of round t and of its state slot
+  attrs             format, version, compressor config, update structure, seed, server_lr, the run's description
+                    (FedConfig, optimizer, data; see ``describe_run``), the crc32/shape/dtype of params0 and
+                    weights, and ``checks``: the crc32 of every other attribute
+  params0/<i>, weights   written once, at creation
+  rounds/<t>/<key>  round t's compact record (packed masks, flags, payload rows)
+  state/<t % 2>/... training state after round t (global params, compressor state), two slots
+  commits/<t>       written last: crc32, shape and dtype of every array of round t and of its state slot, the
+                    rounds the run was configured for, the checksum of the attributes and of commit t - 1
+                    (round 0: of the attributes), and its own checksum
+  final             written when the run has all its rounds: their number and the last commit's checksum
 
-A crash loses at most the round in flight: loading stops at the first round without a readable commit, and
-a commit whose checksums do not match the data (flipped bytes, a missing or truncated chunk) is an error.
+Every byte that changes a result is covered by one chain: the attributes by ``checks``, params0 and weights by
+the attributes, each round and state slot by its commit, each commit by the next one and the last by ``final``.
+A changed attribute, a lost chunk, a missing or replaced commit (also the last one of a finished run) is a
+``HistoryFileError`` that names it. A crash loses at most the round in flight: its commit is not written (or
+is torn) and the store is *cut short* (``store_info``), which ``train(..., resume=True)`` continues. A store is
+built under a temporary name and renamed into place, so it is either absent or whole; ``StoreLock`` (an OS
+file lock, ``fcntl.flock``) keeps a second writer out while a run trains. Shapes read from disk are checked
+against the commits and the attributes, and the attributes against sane bounds, before anything is allocated.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import os
 import shutil
+import uuid
+import warnings
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,14 +45,30 @@ import numpy as np
 from medu_jax.compressors import Compressor, Like
 from medu_jax.history import History
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no OS lock
+    fcntl = None
+
 PyTree = Any
 
 FORMAT = "medu_jax.history"
-VERSION = 1
+VERSION = 2
+LOCK_NAME = ".medu.lock"  # in the folder given to train(store=...)
+MAX_USERS = 2**31 - 1
+MAX_ENTRIES = 2**40  # entries of any one array read from a store
 
 
 class HistoryFileError(ValueError):
     """A history store that is missing, foreign, truncated or corrupted; the message names what and where."""
+
+
+class StoreBusyError(HistoryFileError):
+    """Another process holds the store's lock (it is training into the store): one writer at a time."""
+
+
+class IncompleteHistoryWarning(UserWarning):
+    """The store holds fewer rounds than its run was configured for (a crash, or a run stopped early)."""
 
 
 def _codecs():
@@ -47,6 +79,26 @@ def _codecs():
 
 def _crc(a: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(a).tobytes()) & 0xFFFFFFFF
+
+
+def _canon(x) -> str:
+    return json.dumps(x, sort_keys=True, separators=(",", ":"))
+
+
+def _jcrc(x) -> int:
+    """crc32 of a JSON value in canonical form (sorted keys, no spaces)."""
+    return zlib.crc32(_canon(x).encode()) & 0xFFFFFFFF
+
+
+def _plain(x):
+    """x as it reads back from JSON (tuples as lists), so checksums match before and after a round trip."""
+    return json.loads(_canon(x))
+
+
+def _spec(a: np.ndarray) -> list:
+    """[crc32, shape, dtype] of an array: what a commit or the attributes record of it."""
+    a = np.asarray(a)
+    return [_crc(a), list(a.shape), a.dtype.name]
 
 
 def _paths(tree: PyTree) -> list[str]:
@@ -74,78 +126,320 @@ def _rebuild(paths: list[str], leaves: list) -> PyTree:
     return root
 
 
-def _write(group, name: str, a: np.ndarray) -> int:
+def _write(group, name: str, a: np.ndarray) -> list:
+    """Writes one array; returns its spec [crc32, shape, dtype]."""
     a = np.ascontiguousarray(a)
     arr = group.create_array(name, shape=a.shape, dtype=a.dtype, chunks=tuple(max(1, d) for d in a.shape),
                              compressors=_codecs(), overwrite=True)
     if a.size:
         arr[...] = a
-    return _crc(a)
+    return _spec(a)
 
 
-def _read(group, name: str, where: str, crc: int | None = None) -> np.ndarray:
+def _read(group, name: str, where: str, spec: list | None = None) -> np.ndarray:
+    """Reads one array, its on-disk shape and dtype checked against ``spec`` before anything is allocated and
+    its bytes against the spec's crc32 after."""
     try:
-        a = np.asarray(group[name][...])
+        arr = group[name]
     except KeyError as e:
         raise HistoryFileError(f"{where}: array {name!r} is missing") from e
+    except Exception as e:  # unreadable metadata
+        raise HistoryFileError(f"{where}: array {name!r} is corrupted ({type(e).__name__}: {e})") from e
+    if spec is not None:
+        shape, dtype = list(getattr(arr, "shape", ())), np.dtype(getattr(arr, "dtype", None)).name
+        if shape != list(spec[1]) or dtype != spec[2]:
+            raise HistoryFileError(f"{where}: array {name!r} is {shape} {dtype} on disk, but was written as "
+                                   f"{spec[1]} {spec[2]} (changed metadata)")
+    try:
+        a = np.asarray(arr[...])
     except Exception as e:  # zarr raises on checksum mismatch, truncated or undecodable chunks
         raise HistoryFileError(f"{where}: array {name!r} is corrupted ({type(e).__name__}: {e})") from e
-    if crc is not None and _crc(a) != crc:
-        raise HistoryFileError(f"{where}: array {name!r} does not match its committed checksum (corrupted or lost chunk)")
+    if spec is not None and _crc(a) != spec[0]:
+        raise HistoryFileError(f"{where}: array {name!r} does not match its committed checksum "
+                               "(corrupted or lost chunk)")
     return a
 
 
-class HistoryWriter:
-    """Appends a History's rounds (and the training state after each) to a store on disk."""
+def _is_spec(s) -> bool:
+    return (isinstance(s, list) and len(s) == 3 and isinstance(s[0], int) and isinstance(s[1], list)
+            and all(isinstance(d, int) and 0 <= d <= MAX_ENTRIES for d in s[1]) and isinstance(s[2], str)
+            and math.prod(s[1]) <= MAX_ENTRIES)
 
-    def __init__(self, path: str, history: History, overwrite: bool = False):
+
+def _nbytes(spec: list) -> int:
+    try:
+        return math.prod(spec[1]) * np.dtype(spec[2]).itemsize
+    except TypeError:
+        raise HistoryFileError(f"unknown dtype {spec[2]!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------- the run's identity
+
+
+def describe_run(apply_fn, tx, params0: PyTree, data, cfg, exclude=None, update_scale=None) -> dict:
+    """What ``train`` records of a run so that ``resume=True`` can refuse a different one: the FedConfig fields
+    that change the result (all but ``rounds``, which a resume may extend, and ``client_chunk``, a memory knob),
+    crc32/shape/dtype of the client data, of ``exclude`` and ``update_scale``, and probes of what cannot be
+    serialised: the optimizer's updates for four fixed gradients (learning rate, schedule, momentum...) and the
+    model's outputs on two samples (compared to a relative 1e-3, so a resume on another device is accepted)."""
+    fed = {}
+    for f in dataclasses.fields(cfg):
+        if f.name in ("rounds", "client_chunk"):
+            continue
+        v = getattr(cfg, f.name)
+        fed[f.name] = int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else float(v)
+    out = {"fed": fed, "data": {n: _spec(np.asarray(a)) for n, a in zip(("x", "y", "n"), data)}}
+    k = np.asarray(data[2]).shape[0]
+    excl = np.zeros(k, bool) if exclude is None else np.asarray(exclude, bool)
+    scale = np.ones(k, np.float32) if update_scale is None else np.asarray(update_scale, np.float32)
+    out["users"] = {"exclude": _spec(excl), "update_scale": _spec(scale)}
+    leaves, treedef = jax.tree_util.tree_flatten(params0)
+    try:  # the optimizer: its state's leaf shapes and its updates for four fixed gradients
+        g = treedef.unflatten([jnp.asarray((np.arange(np.size(x)) % 7 - 3.0).reshape(np.shape(x)) * 0.01,
+                                           jnp.result_type(x)) for x in leaves])
+        state = tx.init(params0)
+        probe = []
+        for s in range(4):
+            u, state = tx.update(jax.tree.map(lambda a: a * (s + 1), g), state, params0)
+            probe.append(_num(sum(np.vdot(np.asarray(a, np.float64), np.asarray(b, np.float64))
+                                  for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(g)))))
+        out["optimizer"] = {"state": [[list(np.shape(a)), jnp.result_type(a).name] for a in jax.tree.leaves(state)],
+                            "probe": probe}
+    except Exception as e:  # an optimizer that needs more than (grads, state, params): not described
+        out["optimizer"] = {"undescribed": type(e).__name__}
+    try:  # the model: its outputs on client 0's first two samples
+        y = np.asarray(apply_fn(params0, jnp.asarray(data[0][0][:2])), np.float64)
+        out["model"] = {"probe": [_num(y.sum()), _num((y * y).sum())]}
+    except Exception as e:
+        out["model"] = {"undescribed": type(e).__name__}
+    return _plain(out)
+
+
+def _num(x) -> float | str:
+    """A probe value for JSON: a finite float, or its repr (nan, inf)."""
+    x = float(x)
+    return x if math.isfinite(x) else repr(x)
+
+
+def _close(a, b) -> bool:
+    if not all(isinstance(x, float) for x in [*a, *b]):
+        return a == b
+    return all(abs(x - y) <= 1e-3 * max(abs(x), abs(y)) + 1e-12 for x, y in zip(a, b)) and len(a) == len(b)
+
+
+def run_differences(stored: dict | None, mine: dict) -> list[str]:
+    """The fields in which two ``describe_run`` descriptions differ (probes compared to a relative 1e-3)."""
+    if stored is None:
+        return ["run (the store was not written by train: save_history stores no run)"]
+    diff = []
+    for part in sorted(set(stored) | set(mine)):
+        a, b = stored.get(part), mine.get(part)
+        if not (isinstance(a, dict) and isinstance(b, dict)):
+            if a != b:
+                diff.append(part)
+            continue
+        for key in sorted(set(a) | set(b)):
+            x, y = a.get(key), b.get(key)
+            same = _close(x, y) if key == "probe" and isinstance(x, list) and isinstance(y, list) else x == y
+            if not same:
+                diff.append(f"{part}.{key}")
+    return diff
+
+
+# ---------------------------------------------------------------------------------------------- the lock
+
+
+class StoreLock:
+    """An exclusive OS lock (``fcntl.flock``) on ``folder/.medu.lock``, taken without waiting: a second writer
+    gets ``StoreBusyError``. The OS releases it when the process ends, however it ends (also SIGKILL)."""
+
+    def __init__(self, folder: str):
+        self.path = os.path.join(folder, LOCK_NAME)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is None:  # pragma: no cover
+            return
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self._fd, 200, 0).decode(errors="replace").strip()
+            os.close(self._fd)
+            self._fd = None
+            raise StoreBusyError(
+                f"the history store {folder!r} is being written by another process ({holder or 'unknown'}): "
+                "one writer at a time; wait for it to finish, or stop it"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"pid {os.getpid()}\n".encode(), 0)
+
+    def release(self):
+        """Releases the lock (idempotent)."""
+        if self._fd is not None:
+            if fcntl is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def remove_stale(folder: str) -> list[str]:
+    """Removes the temporary stores left in ``folder`` by a creation that crashed (hold the lock)."""
+    gone = []
+    for entry in os.listdir(folder) if os.path.isdir(folder) else []:
+        if entry.startswith(".") and (".tmp-" in entry or ".old-" in entry):
+            shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
+            gone.append(entry)
+    return gone
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def _commit(fields: dict) -> dict:
+    c = _plain(fields)
+    c["crc"] = _jcrc(c)
+    return c
+
+
+class HistoryWriter:
+    """Appends a History's rounds (and the training state after each) to a store on disk.
+
+    ``run`` is the run's description (``describe_run``), ``planned`` the rounds it is configured for (recorded
+    in every commit; default: unknown until ``finish``). The store is built under a temporary name beside
+    ``path`` and renamed into place, so a crash during creation leaves no half-made store."""
+
+    def __init__(self, path: str, history: History, overwrite: bool = False, run: dict | None = None,
+                 planned: int | None = None):
         import zarr
 
-        self.path = path
-        if os.path.exists(path):
-            if not overwrite:
-                raise FileExistsError(f"{path!r} exists: pass overwrite=True, or resume from it")
-            shutil.rmtree(path)
-        attrs = {
+        path = os.path.normpath(path)
+        self.path, self.planned, self.rounds = path, planned, 0
+        if os.path.exists(path) and not overwrite:
+            raise FileExistsError(f"{path!r} exists: pass overwrite=True, or resume from it")
+        parent, base = os.path.split(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        p0 = [np.asarray(leaf) for leaf in jax.tree.leaves(history.params0)]
+        weights = np.asarray(history.weights)
+        attrs = _plain({
             "format": FORMAT, "version": VERSION, "compressor": history.compressor.config(),
             "like": _like_meta(history.like), "seed": int(history.seed), "server_lr": float(history.server_lr),
-        }
-        self.root = zarr.open_group(path, mode="w", attributes=attrs)
-        p0 = self.root.create_group("params0")
-        for i, leaf in enumerate(jax.tree.leaves(history.params0)):
-            _write(p0, str(i), np.asarray(leaf))
-        _write(self.root, "weights", np.asarray(history.weights))
+            "run": run, "params0": [_spec(a) for a in p0], "weights": _spec(weights),
+        })
+        attrs["checks"] = {k: _jcrc(v) for k, v in attrs.items()}
+        tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        root = zarr.open_group(tmp, mode="w", attributes=attrs)
+        g = root.create_group("params0")
+        for i, a in enumerate(p0):
+            _write(g, str(i), a)
+        _write(root, "weights", weights)
         for name in ("rounds", "state", "commits"):
-            self.root.create_group(name)
+            root.create_group(name)
+        if os.path.exists(path):  # overwrite: the old store is moved aside, then removed
+            old = os.path.join(parent, f".{base}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+        self.root = zarr.open_group(path, mode="r+")
+        self._attrs_crc = self._prev = _jcrc(attrs)
 
     @classmethod
     def reopen(cls, path: str) -> "HistoryWriter":
-        """A writer that appends to an existing store (after ``load`` has checked it)."""
+        """A writer that appends to an existing store after its committed rounds (``load_history`` checks it)."""
         import zarr
 
+        _, attrs, acrc = _open(path)
         self = cls.__new__(cls)
         self.path, self.root = path, zarr.open_group(path, mode="r+")
+        commits, final = _commits(self.root, path, acrc)
+        self._attrs_crc, self.rounds = acrc, len(commits)
+        self._prev = commits[-1]["crc"] if commits else acrc
+        self.planned = final["rounds"] if final else (commits[-1].get("of") if commits else None)
         return self
 
     def append(self, t: int, record: dict, params: PyTree | None = None, compressor_state: dict | None = None):
         """Writes round t's record and state slot, then commits the round (the commit is written last)."""
-        rnd = self.root.require_group(f"rounds/{t}")
-        crcs = {f"rounds/{t}/{k}": _write(rnd, k, v) for k, v in record.items()}
-        if params is not None:
-            slot = self.root.require_group(f"state/{t % 2}")
-            for sub, tree in (("params", params), ("compressor", compressor_state["filters"])):
-                g = slot.require_group(sub)
-                for i, leaf in enumerate(jax.tree.leaves(tree)):
-                    crcs[f"state/{t % 2}/{sub}/{i}"] = _write(g, str(i), np.asarray(leaf))
-        self.root.create_group(f"commits/{t}", attributes={"round": t, "keys": sorted(record), "crc": crcs})
+        if t != self.rounds:
+            raise ValueError(f"{self.path!r}: round {t} appended after {self.rounds} committed rounds")
+        try:
+            rnd = self.root.require_group(f"rounds/{t}")
+            arrays = {f"rounds/{t}/{k}": _write(rnd, k, v) for k, v in record.items()}
+            if params is not None:
+                slot = self.root.require_group(f"state/{t % 2}")
+                for sub, tree in (("params", params), ("compressor", compressor_state["filters"])):
+                    g = slot.require_group(sub)
+                    for i, leaf in enumerate(jax.tree.leaves(tree)):
+                        arrays[f"state/{t % 2}/{sub}/{i}"] = _write(g, str(i), np.asarray(leaf))
+            c = _commit({"round": t, "of": self.planned, "keys": sorted(record), "arrays": arrays,
+                         "attrs": self._attrs_crc, "prev": self._prev})
+            self.root.create_group(f"commits/{t}", attributes=c)
+        except OSError as e:
+            msg = (f"writing round {t} to the history store {self.path!r} failed ({e.strerror or e}); the store "
+                   f"keeps its {t} committed rounds: free space and resume")
+            raise OSError(e.errno, msg) from e
+        self._prev, self.rounds = c["crc"], t + 1
+
+    def finish(self):
+        """Marks the store complete: it holds every round of its run (the number and the last commit's checksum)."""
+        self.root.create_group("final", overwrite=True, attributes=_commit({"rounds": self.rounds, "last": self._prev}))
+
+    def unfinish(self):
+        """Removes the completion mark (before a resume appends more rounds)."""
+        shutil.rmtree(os.path.join(self.path, "final"), ignore_errors=True)
 
     def truncate(self, num_rounds: int):
-        """Drops rounds >= num_rounds (an uncommitted round in flight, before a resume rewrites it)."""
-        for name in ("commits", "rounds"):
+        """Drops rounds >= num_rounds (an uncommitted round in flight, before a resume rewrites it): the completion
+        mark first, then the commits from the last one down (so a crash here leaves a shorter valid chain)."""
+        for name in ("final", "commits", "rounds"):
             folder = os.path.join(self.path, name)
-            for entry in os.listdir(folder) if os.path.isdir(folder) else []:
-                if entry.isdigit() and int(entry) >= num_rounds:
-                    shutil.rmtree(os.path.join(folder, entry))
+            if name == "final":
+                if os.path.isdir(folder) and self.rounds > num_rounds:
+                    self.unfinish()
+                continue
+            entries = [int(e) for e in os.listdir(folder) if e.isdigit()] if os.path.isdir(folder) else []
+            for t in sorted((t for t in entries if t >= num_rounds), reverse=True):
+                shutil.rmtree(os.path.join(folder, str(t)))
+        if num_rounds < self.rounds:
+            commits, _ = _commits(self.root, self.path, self._attrs_crc)
+            self._prev = commits[-1]["crc"] if commits else self._attrs_crc
+            self.rounds = len(commits)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def _check_attrs(path: str, attrs: dict) -> None:
+    """Every root attribute against its checksum, then the structure against sane bounds."""
+    checks = attrs.get("checks")
+    if not isinstance(checks, dict):
+        raise HistoryFileError(f"{path!r}: the root attributes carry no checksums (corrupted)")
+    for key in sorted(set(checks) | set(attrs) - {"checks"}):
+        if key not in attrs:
+            raise HistoryFileError(f"{path!r}: root attribute {key!r} is missing")
+        if key not in checks:
+            raise HistoryFileError(f"{path!r}: root attribute {key!r} is not covered by the checksums (added later)")
+        if _jcrc(attrs[key]) != checks[key]:
+            raise HistoryFileError(f"{path!r}: root attribute {key!r} does not match its checksum (changed or "
+                                   f"corrupted: it reads {_canon(attrs[key])[:120]})")
+    try:
+        leaves = attrs["like"]["leaves"]
+        assert len(attrs["like"]["paths"]) == len(leaves) == len(attrs["params0"]) >= 1
+        k = leaves[0][0][0]
+        assert isinstance(k, int) and 1 <= k <= MAX_USERS, f"{k!r} users"
+        for (shape, dtype), spec in zip(leaves, attrs["params0"]):
+            assert all(isinstance(d, int) and d >= 0 for d in shape) and shape[0] == k, f"leaf shape {shape}"
+            assert math.prod(shape) <= MAX_ENTRIES, f"leaf shape {shape}"
+            assert _is_spec(spec) and spec[1] == shape[1:] and spec[2] == dtype, f"params0 {spec} for {shape} {dtype}"
+        assert _is_spec(attrs["weights"]) and attrs["weights"][1] == [k], f"weights {attrs['weights']} for {k} users"
+        assert isinstance(attrs["seed"], int) and isinstance(attrs["server_lr"], (int, float))
+        assert math.isfinite(attrs["server_lr"]), "server_lr"
+    except (AssertionError, KeyError, TypeError, IndexError) as e:
+        raise HistoryFileError(f"{path!r}: the root attributes describe an impossible history ({e})") from None
 
 
 def _open(path: str):
@@ -162,26 +456,113 @@ def _open(path: str):
         raise HistoryFileError(f"{path!r} is not a medu_jax history (format {attrs.get('format')!r})")
     if attrs.get("version") != VERSION:
         raise HistoryFileError(f"{path!r} has history format version {attrs.get('version')}, this is {VERSION}")
-    return root, attrs
+    _check_attrs(path, attrs)
+    return root, attrs, _jcrc(attrs)
 
 
-def _commits(root, path: str) -> list[dict]:
-    """Commit attrs of rounds 0, 1, ... up to the first missing one; a torn last commit is dropped."""
+def _record_bound(attrs: dict) -> int:
+    """Bytes a round's arrays (record and state slot) may take: generous, but finite."""
+    leaves = attrs["like"]["leaves"]
+    k, p = leaves[0][0][0], sum(math.prod(s[1:]) for s, _ in leaves)
+    return 64 * k * max(p, 1) + (1 << 24)
+
+
+def _valid_commit(c: dict, t: int, bound: int) -> str | None:
+    """Why commit t's content is impossible, or None."""
+    if c.get("round") != t:
+        return f"it names round {c.get('round')!r}"
+    keys, arrays = c.get("keys"), c.get("arrays")
+    if not isinstance(keys, list) or not isinstance(arrays, dict):
+        return "no keys or arrays"
+    if any(f"rounds/{t}/{k}" not in arrays for k in keys):
+        return "an array of the record is not listed"
+    if not all(_is_spec(s) for s in arrays.values()):
+        return "an array spec is malformed or too large"
+    try:
+        total = sum(_nbytes(s) for s in arrays.values())
+    except HistoryFileError as e:
+        return str(e)
+    if total > bound:
+        return f"its arrays take {total} bytes, more than a round of this history can ({bound})"
+    return None
+
+
+def _read_attrs(root, name: str):
+    try:
+        return dict(root[name].attrs)
+    except Exception:
+        return None
+
+
+def _commits(root, path: str, attrs_crc: int, bound: int | None = None) -> tuple[list[dict], dict | None]:
+    """(commits of rounds 0, 1, ... as one verified chain, the completion mark or None).
+
+    A torn or unreadable last commit of a store that is not marked complete is the round in flight: dropped.
+    Anything else that breaks the chain (a missing or corrupted middle commit, a commit from other attributes
+    or replaced, a completion mark that does not match the last commit) is a HistoryFileError naming it."""
+    if bound is None:
+        bound = _record_bound(dict(root.attrs))
     folder = os.path.join(path, "commits")
     present = sorted(int(e) for e in os.listdir(folder) if e.isdigit()) if os.path.isdir(folder) else []
-    out = []
-    for t in range(len(present)):
-        if t not in present:
-            break
-        try:
-            attrs = dict(root[f"commits/{t}"].attrs)
-            assert attrs.get("round") == t and isinstance(attrs.get("crc"), dict)
-        except Exception as e:
-            if t == max(present):  # the round in flight when the writer stopped: not committed
+    final = None
+    if os.path.exists(os.path.join(path, "final")):
+        final = _read_attrs(root, "final")
+        if (not final or final.get("crc") != _jcrc({k: v for k, v in final.items() if k != "crc"})
+                or not isinstance(final.get("rounds"), int)):
+            raise HistoryFileError(f"{path!r}: the completion mark ('final') is corrupted")
+    out, prev, have = [], attrs_crc, set(present)
+    while len(out) in have:
+        t = len(out)
+        c = _read_attrs(root, f"commits/{t}")
+        if c is None or c.get("crc") != _jcrc({k: v for k, v in c.items() if k != "crc"}):
+            if t == present[-1] and final is None:  # the round in flight when the writer stopped: not committed
                 break
-            raise HistoryFileError(f"{path!r}: the commit of round {t} is corrupted ({type(e).__name__})") from e
-        out.append(attrs)
-    return out
+            raise HistoryFileError(f"{path!r}: the commit of round {t} is corrupted")
+        why = _valid_commit(c, t, bound)
+        if why:
+            raise HistoryFileError(f"{path!r}: the commit of round {t} is impossible ({why})")
+        if c.get("attrs") != attrs_crc:
+            raise HistoryFileError(f"{path!r}: the commit of round {t} was written for other root attributes "
+                                   "(an attribute was changed, or the commit comes from another store)")
+        if c.get("prev") != prev:
+            raise HistoryFileError(f"{path!r}: the commit of round {t} does not follow the commit of round {t - 1} "
+                                   "(a commit was replaced or comes from another store)")
+        prev = c["crc"]
+        out.append(c)
+    later = [t for t in present if t > len(out)]
+    if later and len(out) not in have:
+        raise HistoryFileError(f"{path!r}: the commit of round {len(out)} is missing, but rounds {later} are "
+                               "committed (a deleted commit)")
+    if final is not None and (final["rounds"] != len(out) or final.get("last") != prev):
+        raise HistoryFileError(
+            f"{path!r}: the store is marked complete with {final['rounds']} rounds, but its commits hold "
+            f"{len(out)}" + (f" (the commit of round {len(out)} is missing or corrupted)"
+                             if final["rounds"] > len(out) else " or do not end with the marked commit"))
+    return out, final
+
+
+class StoreInfo(NamedTuple):
+    """What a store holds: committed rounds, the rounds its run was configured for (None: unknown), whether it
+    is complete (marked finished by its writer), and the run's description (``describe_run``; None when written
+    by ``save_history``)."""
+
+    path: str
+    rounds: int
+    planned: int | None
+    complete: bool
+    run: dict | None
+    params0: list
+
+
+def _info(path: str, attrs: dict, commits: list, final: dict | None) -> StoreInfo:
+    planned = final["rounds"] if final else (commits[-1].get("of") if commits else None)
+    return StoreInfo(path, len(commits), planned, final is not None, attrs.get("run"), attrs["params0"])
+
+
+def store_info(path: str) -> StoreInfo:
+    """Reads and checks a store's attributes and commit chain (no round data): ``StoreInfo``."""
+    root, attrs, acrc = _open(path)
+    return _info(path, attrs, *_commits(root, path, acrc, _record_bound(attrs)))
 
 
 class StoredRecord(Mapping):
@@ -189,14 +570,14 @@ class StoredRecord(Mapping):
     replay reads a round's masks without its payload rows, and the rows only for the chunk it decodes."""
 
     def __init__(self, root, path: str, commit: dict):
-        self._root, self._t, self._keys, self._crc = root, commit["round"], tuple(commit["keys"]), commit["crc"]
+        self._root, self._t, self._keys, self._specs = root, commit["round"], tuple(commit["keys"]), commit["arrays"]
         self._where = f"{path!r} round {self._t}"
 
     def __getitem__(self, key: str) -> np.ndarray:
         if key not in self._keys:
             raise KeyError(key)
         name = f"rounds/{self._t}/{key}"
-        return _read(self._root, name, self._where, self._crc[name])
+        return _read(self._root, name, self._where, self._specs[name])
 
     def __iter__(self):
         return iter(self._keys)
@@ -207,12 +588,18 @@ class StoredRecord(Mapping):
 
 class StoredRecords(Sequence):
     """The committed rounds of a store as a read-only sequence of ``StoredRecord``: a History over it holds only
-    the commit index in host memory and reads rounds from disk as they are used."""
+    the commit index in host memory and reads rounds from disk as they are used. ``info``: ``StoreInfo``."""
 
     def __init__(self, path: str, root=None):
-        root = _open(path)[0] if root is None else root  # load_history passes the group it has opened
+        if root is None:
+            root, attrs, acrc = _open(path)
+        else:  # load_history passes the group it has opened (and checked)
+            attrs = dict(root.attrs)
+            acrc = _jcrc(attrs)
         self.path = path
-        self._items = [StoredRecord(root, path, c) for c in _commits(root, path)]
+        commits, final = _commits(root, path, acrc, _record_bound(attrs))
+        self.info = _info(path, attrs, commits, final)
+        self._items = [StoredRecord(root, path, c) for c in commits]
 
     def __getitem__(self, i):
         return self._items[i]
@@ -231,12 +618,12 @@ def load_history(path: str, template: PyTree | None = None, lazy: bool = False) 
     ``template`` (e.g. the model's params0, or a pytree of (K, ...) updates) restores the exact pytree type and
     checks that the history belongs to this model; without it, flax-style nested dicts are rebuilt. ``lazy``
     leaves the records on disk (``StoredRecords``): each array is read, and its checksum verified, when replay
-    uses it, so a history larger than host memory replays chunk by chunk.
+    uses it, so a history larger than host memory replays chunk by chunk. A store that was cut short (fewer
+    rounds than its run was configured for) loads with an ``IncompleteHistoryWarning``; see ``store_info``.
     """
-    root, attrs = _open(path)
+    root, attrs, _ = _open(path)
     meta = attrs["like"]
     leaves = [(tuple(s), d) for s, d in meta["leaves"]]
-    p0 = [_read(root["params0"], str(i), f"{path!r} params0") for i in range(len(leaves))]
     if template is not None:
         t_leaves, treedef = jax.tree_util.tree_flatten(template)
         t_paths = _paths(template)
@@ -248,35 +635,44 @@ def load_history(path: str, template: PyTree | None = None, lazy: bool = False) 
                 f"history at {path!r} is from a different model: it stores leaves {meta['paths']} with shapes "
                 f"{[list(s) for s, _ in want]}, the template has {t_paths} with {[list(np.shape(x)) for x in t_leaves]}"
             )
-        params0 = treedef.unflatten(p0)
-    else:
-        params0 = _rebuild(meta["paths"], p0)
-    like = Like(jax.tree_util.tree_structure(params0), tuple(leaves))
     try:
         compressor = Compressor.from_config(attrs["compressor"])
     except (TypeError, ValueError) as e:
         raise HistoryFileError(f"{path!r}: unreadable compressor configuration ({e})") from e
-    hist = History(compressor, like, attrs["seed"], params0, _read(root, "weights", repr(path)), attrs["server_lr"])
-    records = StoredRecords(path, root)
+    records = StoredRecords(path, root)  # the commit chain, before any array is read
+    p0 = [_read(root["params0"], str(i), f"{path!r} params0", spec) for i, spec in enumerate(attrs["params0"])]
+    params0 = treedef.unflatten(p0) if template is not None else _rebuild(meta["paths"], p0)
+    like = Like(jax.tree_util.tree_structure(params0), tuple(leaves))
+    weights = _read(root, "weights", repr(path), attrs["weights"])
+    hist = History(compressor, like, attrs["seed"], params0, weights, attrs["server_lr"])
     hist.records = records if lazy else [dict(r) for r in records]
+    info = records.info
+    if not info.complete:
+        planned = "an unknown number of" if info.planned is None else f"{info.planned}"
+        warnings.warn(IncompleteHistoryWarning(
+            f"the history store {path!r} was cut short: it holds {info.rounds} of {planned} rounds (a crash, or "
+            "a run stopped early); train(..., resume=True) continues it"), stacklevel=2)
     return hist
 
 
 def load_state(path: str, history: History, t: int) -> tuple[PyTree, dict]:
     """(global params, compressor state) after round t, from the store's state slot t % 2 (checksummed)."""
-    root, _ = _open(path)
-    commits = _commits(root, path)
+    root, attrs, acrc = _open(path)
+    commits, _ = _commits(root, path, acrc, _record_bound(attrs))
     if t >= len(commits):
         raise HistoryFileError(f"{path!r} holds {len(commits)} committed rounds, no state after round {t}")
-    crc = commits[t]["crc"]
+    specs = commits[t]["arrays"]
     where = f"{path!r} state after round {t}"
 
     def read(sub: str, like_tree: PyTree) -> PyTree:
         n = len(jax.tree.leaves(like_tree))
         keys = [f"state/{t % 2}/{sub}/{i}" for i in range(n)]
-        if any(k not in crc for k in keys):
+        if any(k not in specs for k in keys):
             raise HistoryFileError(f"{where}: the store holds no training state (saved without params)")
-        vals = [_read(root, k, where, crc[k]) for k in keys]
+        vals = [_read(root, k, where, specs[k]) for k in keys]
+        for k, v, x in zip(keys, vals, jax.tree.leaves(like_tree)):
+            if v.shape != np.shape(x):
+                raise HistoryFileError(f"{where}: array {k!r} has shape {v.shape}, the model needs {np.shape(x)}")
         return jax.tree_util.tree_structure(like_tree).unflatten([jnp.asarray(v) for v in vals])
 
     params = read("params", history.params0)
@@ -286,7 +682,8 @@ def load_state(path: str, history: History, t: int) -> tuple[PyTree, dict]:
 
 
 def save_history(history: History, path: str, overwrite: bool = False) -> None:
-    """Writes a whole in-memory History (no training state) to a new store."""
-    w = HistoryWriter(path, history, overwrite)
+    """Writes a whole in-memory History (no training state) to a new store, marked complete."""
+    w = HistoryWriter(path, history, overwrite, planned=history.num_rounds)
     for t, rec in enumerate(history.records):
         w.append(t, rec)
+    w.finish()
