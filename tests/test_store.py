@@ -522,3 +522,23 @@ def test_a_run_in_which_no_update_enters_the_aggregate_warns():
         mj.train(*args, ns["clients"]._replace(n=jnp.zeros_like(ns["clients"].n)), cfg)
     with pytest.warns(RuntimeWarning, match="no client has data"):
         mj.train(*args, ns["clients"], cfg, exclude=range(5))
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["run", "--resume"], "--resume continues the run saved in --store"),
+    (["demo", "--out", "{file}/sub"], "is a file, not a folder"),
+    (["demo", "--store", "{file}"], "is a file, not a folder"),
+    (["run", "--config", "{dir}"], "cannot be read"),
+    (["demo", "--store", "{dir}/none", "--resume", "--rounds", "1"], "nothing to resume"),
+])
+def test_cli_store_and_folder_errors_are_one_line_with_exit_code_2(argv, match, tmp_path, capsys):
+    from medu_jax import cli
+
+    (tmp_path / "f").write_text("x")
+    argv = [a.format(file=tmp_path / "f", dir=tmp_path) for a in argv]
+    try:
+        code = cli.main(argv + ["--quiet"])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and match in err and len(err.strip().splitlines()) == 1, err

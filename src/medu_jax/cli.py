@@ -58,15 +58,42 @@ def _plot(result: dict, path: str) -> str:
 
 def _config_from_file(path: str) -> ExperimentConfig:
     if not os.path.exists(path):
-        raise SystemExit(f"medu: config file {path!r} not found")
+        raise _exit2(f"medu: config file {path!r} not found")
     try:
         with open(path) as f:
             d = json.load(f)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"medu: config file {path!r} is not valid JSON: {e}") from e
+        raise _exit2(f"medu: config file {path!r} is not valid JSON: {e}") from e
+    except (OSError, UnicodeDecodeError) as e:  # a folder, no permission, not text
+        raise _exit2(f"medu: config file {path!r} cannot be read: {e}") from e
     if not isinstance(d, dict):
-        raise SystemExit(f"medu: config file {path!r} must hold a JSON object of settings")
+        raise _exit2(f"medu: config file {path!r} must hold a JSON object of settings")
     return ExperimentConfig.from_dict(d)
+
+
+def _exit2(message: str) -> SystemExit:
+    """A user error found outside ``_guarded``: the message on stderr (one line), exit code 2."""
+    print(message, file=sys.stderr)
+    e = SystemExit(message)
+    e.code = 2
+    return e
+
+
+def _check_folders(store: str | None, resume: bool, out: str | None) -> None:
+    """Before any training: --resume needs --store, and --out / --store must be folders this user can create
+    or write (a file in the way, or a parent that is a file or read-only, is an error now, not after the run)."""
+    if resume and not store:
+        raise ValueError("--resume continues the run saved in --store: give --store (or store in the config)")
+    for flag, path in (("--out", out), ("--store", store)):
+        if not path:
+            continue
+        probe = os.path.abspath(path)
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe):
+            raise NotADirectoryError(f"{flag} {path!r}: {probe!r} is a file, not a folder")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise PermissionError(f"{flag} {path!r}: the folder {probe!r} is not writable")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                 "resume": args.resume or None,
             }.items() if v is not None
         }
-        return run_experiment(ExperimentConfig.from_dict({**base.__dict__, **overrides}), progress=not args.quiet)
+        cfg = ExperimentConfig.from_dict({**base.__dict__, **overrides})
+        _check_folders(cfg.store, cfg.resume, args.out)
+        return run_experiment(cfg, progress=not args.quiet)
 
     result, code = _guarded(experiment)
     if code:
@@ -142,12 +171,15 @@ def main(argv: list[str] | None = None) -> int:
         f"; lattice overloads: {result['overload']}; rejected non-finite updates: {result['rejected_updates']}"
     )
     if args.out:
-        for p in _write_outputs(result, args.out):
+        paths, code = _guarded(_write_outputs, result, args.out)
+        if code:
+            return code
+        for p in paths:
             print(f"wrote {p}")
     return 0
 
 
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError)
+USER_ERRORS = (ValueError, TypeError, OSError)  # OSError: files and folders (not found, exists, full disk, ...)
 
 
 def _guarded(run, *args):
