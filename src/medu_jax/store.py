@@ -386,7 +386,9 @@ class HistoryWriter:
 
     def finish(self):
         """Marks the store complete: it holds every round of its run (the number and the last commit's checksum)."""
-        self.root.create_group("final", overwrite=True, attributes=_commit({"rounds": self.rounds, "last": self._prev}))
+        mark = _commit({"rounds": self.rounds, "last": self._prev})
+        if _read_attrs(self.root, "final") != mark:  # a finished store resumed with nothing to add keeps its mark
+            self.root.create_group("final", overwrite=True, attributes=mark)
 
     def unfinish(self):
         """Removes the completion mark (before a resume appends more rounds)."""
