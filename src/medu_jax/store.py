@@ -181,7 +181,8 @@ def describe_run(apply_fn, tx, params0: PyTree, data, cfg, exclude=None, update_
     that change the result (all but ``rounds``, which a resume may extend, and ``client_chunk``, a memory knob),
     crc32/shape/dtype of the client data, of ``exclude`` and ``update_scale``, and probes of what cannot be
     serialised: the optimizer's updates for four fixed gradients (learning rate, schedule, momentum...) and the
-    model's outputs on two samples (compared to a relative 1e-3, so a resume on another device is accepted)."""
+    model's outputs on two samples (sum |y| and sum y^2; compared to a relative 1e-3, so a resume on another
+    device is accepted)."""
     fed = {}
     for f in dataclasses.fields(cfg):
         if f.name in ("rounds", "client_chunk"):
@@ -209,7 +210,7 @@ def describe_run(apply_fn, tx, params0: PyTree, data, cfg, exclude=None, update_
         out["optimizer"] = {"undescribed": type(e).__name__}
     try:  # the model: its outputs on client 0's first two samples
         y = np.asarray(apply_fn(params0, jnp.asarray(data[0][0][:2])), np.float64)
-        out["model"] = {"probe": [_num(y.sum()), _num((y * y).sum())]}
+        out["model"] = {"probe": [_num(np.abs(y).sum()), _num((y * y).sum())]}  # no cancellation: a stable ratio
     except Exception as e:
         out["model"] = {"undescribed": type(e).__name__}
     return _plain(out)
