@@ -150,9 +150,9 @@ def replay_table(users: int, rounds: int, local_steps: tuple[int, ...]) -> list[
                        {"medu": mj.medu(0.5, 0.3, "A2", 2), "float32": mj.identity()})
         retrain = lambda: mj.train(model.apply, tx, params0, clients, cfg, exclude=bad).params  # noqa: E731
         for name, h in run.histories.items():
-            tune = lambda: mj.finetune(model.apply, tx, mj.unlearn(h, bad), clients, cfg, bad, 2)  # noqa: E731
+            tune = lambda: mj.finetune(model.apply, tx, mj.replay(h, bad), clients, cfg, bad, 2)  # noqa: E731
             # retraining runs the training program already compiled above, so it is warm
-            _, t_rp, t_re = _timed_against(lambda: mj.unlearn(h, bad), retrain, repeats=7)
+            _, t_rp, t_re = _timed_against(lambda: mj.replay(h, bad), retrain, repeats=7)
             _, t_ft, t_re2 = _timed_against(tune, retrain, repeats=7)
             t_re = min(t_re, t_re2)
             rows.append(f"| {steps} x {cfg.batch_size} | {name} | {t_re * 1e3:.0f} | {t_rp * 1e3:.1f} | "

@@ -140,7 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--orders", type=int, default=2, help="slice orders per shard (1 = SISA)")
     st.add_argument("--deletions", type=int, default=8)
     st.add_argument("--seed", type=int, default=0)
+    su = sub.add_parser("suite", help="the scenario suite: data sets x partitions x attacks x shares x seeds, every "
+                                      "unlearning method from float32 and MEDU histories vs retraining; pass/fail")
+    su.add_argument("--out", required=True, help="folder for cells/*.json (a rerun resumes), summary.md/json, plot")
+    su.add_argument("--quick", action="store_true", help="the CI-sized suite (a few digits cells, one seed)")
+    su.add_argument("--dataset", help="run only the cells of this data set (digits or mnist1d)")
+    su.add_argument("--report-only", action="store_true", help="summarize the cells already in --out, run none")
     args = parser.parse_args(argv)
+    if args.command == "suite":
+        return _suite(args)
     if args.command == "s3t":
         return _s3t(args)
     if args.command == "zoga":
@@ -189,6 +197,28 @@ def _guarded(run, *args):
     except USER_ERRORS as e:
         print(f"medu: error: {e}", file=sys.stderr)
         return None, 2
+
+
+def _suite(args) -> int:
+    from medu_jax import suite
+
+    def go():
+        cfg = suite.quick_config() if args.quick else suite.SuiteConfig()
+        if args.dataset and args.dataset not in cfg.datasets:
+            raise ValueError(f"--dataset {args.dataset!r} is not in this suite's data sets {cfg.datasets}")
+        if not args.report_only:
+            only = (lambda c: c["dataset"] == args.dataset) if args.dataset else None
+            suite.run_suite(cfg, args.out, only, progress=lambda m: print(m, flush=True))
+        return suite.write_report(suite.load_cells(args.out), args.out)
+
+    paths, code = _guarded(go)
+    if code:
+        return code
+    with open(paths["md"]) as f:
+        print(f.read())
+    for p in paths.values():
+        print(f"wrote {p}")
+    return 0
 
 
 def _s3t(args) -> int:

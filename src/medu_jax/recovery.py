@@ -391,3 +391,53 @@ def finetune_baseline(params: PyTree, remove: Iterable[int], apply_fn, tx, data:
                      int(rounds))
     steps = int(np.sum(np.asarray(out[2].active))) * cfg.local_steps
     return _recovery(out[0], steps, data, cfg, remove)
+
+
+def _naive(history, remove, apply_fn, tx, data, cfg, **kw) -> Recovery:
+    from medu_jax.unlearn import replay  # the server-only replays live one floor down
+
+    return Recovery(replay(history, remove, **kw), 0, 0.0, 0, 0)
+
+
+def _corrected(history, remove, apply_fn, tx, data, cfg, **kw) -> Recovery:
+    from medu_jax.unlearn import corrected_replay
+
+    return Recovery(corrected_replay(history, remove, **kw), 0, 0.0, 0, 0)
+
+
+UNLEARN_METHODS = {
+    "fedrecover": fedrecover,
+    "adaptive": adaptive_recovery,
+    "federaser": federaser,
+    "naive": _naive,
+    "corrected": _corrected,
+}
+SERVER_ONLY = ("naive", "corrected")
+
+
+def unlearn(history: History, remove: Iterable[int], method: str = "fedrecover", *, apply_fn=None, tx=None,
+            data: ClientData | None = None, cfg: FedConfig | None = None, **options) -> Recovery:
+    """Removes the users in ``remove`` from the model ``history`` recorded. Returns a ``Recovery``.
+
+    The default, ``fedrecover``, is the method that meets the project's bar on the scenario suite (non-IID data,
+    four attacks): it needs the remaining clients for about a quarter of retraining's local work, given as
+    ``apply_fn``, ``tx``, ``data`` and the run's ``cfg``. ``naive`` (replay of the stored updates without the
+    users) and ``corrected`` are server-only and need none of them, but drift far from retraining when the
+    removed users shaped the trajectory (docs/recovery.md). ``options`` go to the method (e.g. ``warmup=``).
+    Removal requests over time: unlearning users B after A is ``unlearn(history, A + B)``: every method
+    recomputes from the history and round t's exact updates use round t's randomness, so the result is the
+    same as removing A and B at once.
+    """
+    remove = list(remove)
+    if not remove:
+        raise ValueError("unlearn: the remove set is empty; use replay(history) to rebuild the trained model")
+    check_user_ids(remove, history.num_users)
+    if method not in UNLEARN_METHODS:
+        raise ValueError(f"unknown unlearning method {method!r}: choose one of {sorted(UNLEARN_METHODS)}")
+    if method not in SERVER_ONLY:
+        missing = [n for n, v in (("apply_fn", apply_fn), ("tx", tx), ("data", data), ("cfg", cfg)) if v is None]
+        if missing:
+            raise ValueError(f"unlearn: method {method!r} asks the remaining clients for exact updates and needs "
+                             f"{missing}; method='naive' is server-only (replay), but see docs/recovery.md for "
+                             "where it fails")
+    return UNLEARN_METHODS[method](history, remove, apply_fn, tx, data, cfg, **options)

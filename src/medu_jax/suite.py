@@ -81,8 +81,9 @@ class SuiteConfig:
 
 
 def quick_config() -> SuiteConfig:
-    """The CI-sized suite: three cells, one seed, 20 users, 60 rounds."""
-    return SuiteConfig(datasets=("digits",), alphas=(None, 0.3), attacks=("backdoor", "targeted_flip"), shares=(0.2,),
+    """The CI-sized suite: four digits cells (IID and Dirichlet x backdoor and sign flip), one seed, 20 users,
+    60 rounds."""
+    return SuiteConfig(datasets=("digits",), alphas=(None, 0.3), attacks=("backdoor", "sign_flip"), shares=(0.2,),
                        seeds=(0,), num_users=20, rounds=60, hidden=(64,))
 
 

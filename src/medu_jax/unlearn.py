@@ -292,23 +292,6 @@ def corrected_replay(
     return _replay(history, remove, chunk, _step_corrected, corrected_state(history, memory), jnp.float32(gamma))
 
 
-METHODS = {"naive": replay, "corrected": corrected_replay}
-
-
-def unlearn(history: History, remove: Iterable[int], method: str = "naive", chunk: int | None = None) -> PyTree:
-    """Removes the users in ``remove`` by replaying the history without them (``method``: naive, corrected).
-
-    Server side only; follow with ``finetune`` for a few exact rounds of the remaining users if they can
-    still take part (FedRecover's final tuning), which removes what drift replay leaves.
-    """
-    remove = list(remove)
-    if not remove:
-        raise ValueError("unlearn: the remove set is empty; use replay(history) to rebuild the trained model")
-    if method not in METHODS:
-        raise ValueError(f"unknown unlearning method {method!r}: choose one of {sorted(METHODS)}")
-    return METHODS[method](history, remove, chunk=chunk)
-
-
 def finetune(apply_fn, tx, params: PyTree, data: ClientData, cfg: FedConfig, exclude: Iterable[int], rounds: int,
              start_round: int | None = None) -> PyTree:
     """``rounds`` exact FedAvg rounds of the users not in ``exclude``, from ``params``.
