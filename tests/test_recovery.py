@@ -13,6 +13,7 @@ import medu_jax as mj
 from medu_jax import recovery as R
 
 K = 6
+hvp = functools.partial(R.lbfgs_hvp, rayleigh=True)  # FedRecover's sigma = y's/s's
 
 
 @functools.lru_cache(maxsize=None)
@@ -197,11 +198,11 @@ def test_lbfgs_hvp_matches_dense_bfgs(m, d, seed, scale):
     S = scale * rng.normal(size=(m, d))
     Y = S @ H.T
     v = rng.normal(size=d)
-    got = R.lbfgs_hvp(jnp.asarray(S, jnp.float32), jnp.asarray(Y, jnp.float32), jnp.int32(m), jnp.asarray(v, jnp.float32))
+    got = hvp(jnp.asarray(S, jnp.float32), jnp.asarray(Y, jnp.float32), jnp.int32(m), jnp.asarray(v, jnp.float32))
     want = bfgs_reference(S, Y, v)
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
     # the secant condition of the newest pair: B s = y
-    bs = R.lbfgs_hvp(jnp.asarray(S, jnp.float32), jnp.asarray(Y, jnp.float32), jnp.int32(m), jnp.asarray(S[-1], jnp.float32))
+    bs = hvp(jnp.asarray(S, jnp.float32), jnp.asarray(Y, jnp.float32), jnp.int32(m), jnp.asarray(S[-1], jnp.float32))
     np.testing.assert_allclose(np.asarray(bs, np.float64), Y[-1], rtol=2e-2, atol=2e-2 * np.abs(Y[-1]).max())
 
 
@@ -209,12 +210,12 @@ def test_lbfgs_hvp_ignores_invalid_older_pairs():
     rng = np.random.default_rng(0)
     S, Y, v = rng.normal(size=(3, 5)), rng.normal(size=(3, 5)), rng.normal(size=5)
     Y = S * 2.0
-    one = R.lbfgs_hvp(jnp.asarray(S[-1:], jnp.float32), jnp.asarray(Y[-1:], jnp.float32), jnp.int32(1), jnp.asarray(v, jnp.float32))
+    one = hvp(jnp.asarray(S[-1:], jnp.float32), jnp.asarray(Y[-1:], jnp.float32), jnp.int32(1), jnp.asarray(v, jnp.float32))
     junk = S.copy()
     junk[:2] = 1e6
-    got = R.lbfgs_hvp(jnp.asarray(junk, jnp.float32), jnp.asarray(Y, jnp.float32), jnp.int32(1), jnp.asarray(v, jnp.float32))
+    got = hvp(jnp.asarray(junk, jnp.float32), jnp.asarray(Y, jnp.float32), jnp.int32(1), jnp.asarray(v, jnp.float32))
     np.testing.assert_allclose(np.asarray(got), np.asarray(one), rtol=1e-5, atol=1e-6)
-    assert np.all(np.asarray(R.lbfgs_hvp(jnp.asarray(S, jnp.float32), jnp.asarray(Y, jnp.float32), jnp.int32(0),
+    assert np.all(np.asarray(hvp(jnp.asarray(S, jnp.float32), jnp.asarray(Y, jnp.float32), jnp.int32(0),
                                           jnp.asarray(v, jnp.float32))) == 0)
 
 

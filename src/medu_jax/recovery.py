@@ -35,6 +35,7 @@ import numpy as np
 from medu_jax.compressors import Compressor
 from medu_jax.fedavg import ClientData, FedConfig, check_user_ids, fed_round, fed_rounds, weighted_mean
 from medu_jax.history import History, compressor_key
+from medu_jax.unlearn import _flat_users, lbfgs_hvp
 
 PyTree = Any
 
@@ -74,51 +75,9 @@ def _recovery(params, steps: int, data, cfg, remove, exact_rounds: int = 0, fixe
     return Recovery(params, int(steps), steps / retrain_steps(data, cfg, remove), int(exact_rounds), int(fixed))
 
 
-def lbfgs_hvp(S: jax.Array, Y: jax.Array, count: jax.Array, v: jax.Array) -> jax.Array:
-    """B v for the compact L-BFGS Hessian approximation from pairs (S[i], Y[i]) (Byrd, Nocedal & Schnabel 1994),
-    with B0 = sigma I, sigma = y's / s's of the newest pair, as FedRecover's (and FLDetector's) L-BFGS.
-
-    S, Y are (m, d), newest pair last, the ``count`` newest valid (older rows ignored). Zero when count is 0.
-    sigma = y's/s's (the curvature along s) rather than y'y/s'y: noise in y orthogonal to s (a compressed
-    history's coding error) does not inflate it.
-    """
-    m = S.shape[0]
-    ok = jnp.arange(m) >= m - count
-    s_last, y_last = S[-1], Y[-1]
-    sigma = jnp.where(count > 0, (y_last @ s_last) / jnp.where(count > 0, s_last @ s_last, 1.0), 0.0)
-    sy = S @ Y.T
-    low = jnp.tril(sy, -1)
-    top = jnp.concatenate([sigma * (S @ S.T), low], axis=1)
-    bot = jnp.concatenate([low.T, -jnp.diag(jnp.diag(sy))], axis=1)
-    mm = jnp.concatenate([top, bot], axis=0)
-    ok2 = jnp.concatenate([ok, ok])
-    mm = jnp.where(ok2[:, None] & ok2[None, :], mm, 0.0) + jnp.diag(jnp.where(ok2, 0.0, 1.0))
-    rhs = jnp.where(ok2, jnp.concatenate([sigma * (S @ v), Y @ v]), 0.0)
-    p = jnp.linalg.solve(mm, rhs)
-    bv = sigma * v - (sigma * (p[:m] @ S) + p[m:] @ Y)
-    return jnp.where(count > 0, bv, 0.0)
-
-
-def _hvp(S, Y, count, v, scalar: bool):
-    """Per-client B_i v: the L-BFGS compact form, or (``scalar``) sigma_i v alone, sigma_i = y's/s's of the
-    newest pair: a curvature that coding noise in y (orthogonal to s) cannot blow up."""
-    if not scalar:
-        return jax.vmap(lambda s, y, c: lbfgs_hvp(s, y, c, v))(S, Y, count)
-    s, y = S[:, -1], Y[:, -1]
-    sigma = jnp.where(count > 0, jnp.sum(y * s, 1) / jnp.maximum(jnp.sum(s * s, 1), 1e-30), 0.0)
-    return sigma[:, None] * v[None, :]
-
-
 def _flat(tree: PyTree) -> jax.Array:
     """One float32 vector of a pytree's leaves."""
     return jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)])
-
-
-def _flat_users(tree: PyTree) -> jax.Array:
-    """(K, d) float32 rows of a pytree whose leaves are (K, ...)."""
-    leaves = jax.tree.leaves(tree)
-    k = leaves[0].shape[0]
-    return jnp.concatenate([x.reshape(k, -1).astype(jnp.float32) for x in leaves], axis=1)
 
 
 def _unflat(flat: jax.Array, like: PyTree) -> PyTree:
@@ -134,12 +93,12 @@ def _decode(compressor: Compressor, message, state, key):
     return _flat_users(decoded), valid, state
 
 
-@functools.partial(jax.jit, static_argnames=("scalar",))
-def _estimate(w_u, w_o, stored, valid, keep, S, Y, count, tau, offset, scalar: bool):
-    """FedRecover's estimate of every client's update at w_u: stored - B_i (w_u - w) (+ ``offset``, the anchored
-    variant's residual), and which remaining clients are abnormal (an entry above tau, or non-finite)."""
+@jax.jit
+def _estimate(w_u, w_o, stored, valid, keep, S, Y, count, tau):
+    """FedRecover's estimate of every client's update at w_u: stored - B_i (w_u - w), and which remaining
+    clients are abnormal (an entry above tau, or non-finite)."""
     v = w_u - w_o
-    est = stored - _hvp(S, Y, count, v, scalar) + offset
+    est = stored - jax.vmap(lambda s, y, c: lbfgs_hvp(s, y, c, v, rayleigh=True))(S, Y, count)
     big = jnp.max(jnp.abs(est), axis=1)
     abnormal = keep & valid & ~(big <= tau)  # NaN compares False: non-finite estimates are abnormal too
     return est, abnormal
@@ -154,14 +113,6 @@ def _add_pairs(S, Y, count, s, y, mask):
     ok = mask & (y @ s > 1e-12 * jnp.linalg.norm(s) * jnp.linalg.norm(y, axis=1)) & jnp.all(jnp.isfinite(y), 1)
     return (jnp.where(ok[:, None, None], s_n, S), jnp.where(ok[:, None, None], y_n, Y),
             jnp.where(ok, jnp.minimum(count + 1, S.shape[1]), count))
-
-
-@functools.partial(jax.jit, static_argnames=("scalar",))
-def _anchor(offset, exact, stored, v, S, Y, count, mask, scalar: bool):
-    """The residual exact - (stored - B v) of the clients in ``mask``, kept as their offset until their next
-    exact update (zero when B's newest pair is this one: the secant condition already holds)."""
-    bv = _hvp(S, Y, count, v, scalar)
-    return jnp.where(mask[:, None], exact - stored + bv, offset)
 
 
 @jax.jit
@@ -239,7 +190,7 @@ class _Schedule:
 
 
 def _recover(history: History, remove, apply_fn, tx, data: ClientData, cfg: FedConfig, schedule: _Schedule,
-             memory: int, alpha: float, method: str, anchored: bool = False) -> Recovery:
+             memory: int, alpha: float, method: str) -> Recovery:
     """The FedRecover loop over the history's rounds (see ``fedrecover``)."""
     remove, excl, ones = _check(history, remove, data, cfg, method)
     if int(memory) < 1:
@@ -250,7 +201,6 @@ def _recover(history: History, remove, apply_fn, tx, data: ClientData, cfg: FedC
     w_o = _flat(w_u)
     k, d = history.num_users, w_o.shape[0]
     S, Y, count = jnp.zeros((k, memory, d)), jnp.zeros((k, memory, d)), jnp.zeros((k,), jnp.int32)
-    offset = jnp.zeros((k, d), jnp.float32)  # anchored: exact - (stored - B v) at each client's last exact update
     state, steps, exact_rounds, fixed = _init_state(history), 0, 0, 0
     full = retrain_steps(data, cfg, remove)
     anchor = None  # w_u - w at the last exact round (the adaptive trigger's reference)
@@ -268,20 +218,16 @@ def _recover(history: History, remove, apply_fn, tx, data: ClientData, cfg: FedC
             new, ups, active, _ = fed_round(apply_fn, tx, cfg, w_u, data, t, excl, ones)
             ex = _flat_users(ups)
             S, Y, count = _add_pairs(S, Y, count, v, stored - ex, active & valid & keep)
-            if anchored:
-                offset = _anchor(offset, ex, stored, v, S, Y, count, active & valid & keep, anchored)
             steps += int(jnp.sum(active)) * cfg.local_steps
             exact_rounds += 1
             anchor = v
             w_u = new
         else:
-            est, abnormal = _estimate(flat_u, w_o, stored, valid, keep, S, Y, count, tau, offset, anchored)
+            est, abnormal = _estimate(flat_u, w_o, stored, valid, keep, S, Y, count, tau)
             if bool(jnp.any(abnormal)):  # abnormality fixing: those clients compute their exact update
                 _, ups, active, _ = fed_round(apply_fn, tx, cfg, w_u, data, t, ~abnormal, ones)
                 ex = _flat_users(ups)
                 S, Y, count = _add_pairs(S, Y, count, v, stored - ex, active & valid)
-                if anchored:
-                    offset = _anchor(offset, ex, stored, v, S, Y, count, active & valid, anchored)
                 est = jnp.where(active[:, None], ex, est)
                 n = int(jnp.sum(active))
                 steps, fixed = steps + n * cfg.local_steps, fixed + n

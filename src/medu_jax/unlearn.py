@@ -25,17 +25,21 @@ from medu_jax.history import History, compressor_key
 PyTree = Any
 
 
-def lbfgs_hvp(S: jax.Array, Y: jax.Array, count: jax.Array, v: jax.Array, gamma: float = 1.0) -> jax.Array:
+def lbfgs_hvp(S: jax.Array, Y: jax.Array, count: jax.Array, v: jax.Array, gamma: float = 1.0,
+              rayleigh: bool = False) -> jax.Array:
     """B v for the compact L-BFGS approximation B of a Hessian built from the pairs (S[i], Y[i]).
 
     S, Y are (m, d) with the newest pair last and the ``count`` newest pairs valid (older rows are zero);
     Byrd, Nocedal & Schnabel (1994): B = sigma I - [sigma S; Y]^T M^-1 [sigma S; Y], with sigma = gamma y'y/s'y
-    of the newest pair (gamma < 1 shrinks the curvature assumed outside the pairs' span). Zero when count is 0.
+    of the newest pair (gamma < 1 shrinks the curvature assumed outside the pairs' span), or with ``rayleigh``
+    sigma = y's/s's, FedRecover's (and FLDetector's) choice: the curvature along s, which noise in y orthogonal
+    to s (a compressed history's coding error) does not inflate. Zero when count is 0.
     """
     m = S.shape[0]
     ok = jnp.arange(m) >= m - count
     s_last, y_last = S[-1], Y[-1]
-    sigma = gamma * jnp.where(count > 0, (y_last @ y_last) / jnp.where(count > 0, s_last @ y_last, 1.0), 0.0)
+    num, den = (y_last @ s_last, s_last @ s_last) if rayleigh else (y_last @ y_last, s_last @ y_last)
+    sigma = gamma * jnp.where(count > 0, num / jnp.where(count > 0, den, 1.0), 0.0)
     sy = S @ Y.T
     low = jnp.tril(sy, -1)
     top = jnp.concatenate([sigma * (S @ S.T), low], axis=1)
