@@ -34,3 +34,14 @@ def test_every_public_name_has_a_docstring():
             if not (obj.__doc__ or "").strip():
                 missing.append(name)
     assert not missing, missing
+
+
+def test_readme_quickstart_runs_and_unlearns():
+    """The README's quickstart is code that works: run it, then check what it claims."""
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"## Quickstart\s+```python\n(.*?)```", text, re.S).group(1)
+    env: dict = {}
+    exec(compile(code, "README quickstart", "exec"), env)
+    rec = env["rec"]
+    assert isinstance(rec, mj.Recovery) and 0 < rec.client_cost < 0.35
+    assert env["h"].summary()["ratio"] > 25

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from medu_jax.compressors import Compressor, tree_where
 from medu_jax.dither import hash_bits
 from medu_jax.history import History, Selection, compressor_key
+from medu_jax.trees import relative_distance
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
@@ -338,8 +339,6 @@ def _select(sel: Selection, t: int, prev: PyTree, new: PyTree, ups: PyTree, acti
     if t % sel.every:
         return None
     if sel.min_change > 0 and last is not None:
-        from medu_jax.metrics import relative_distance  # metrics -> attacks -> fedavg: import here, not at the top
-
         if relative_distance(prev, last) < sel.min_change:
             return None
     active = np.asarray(active, bool)

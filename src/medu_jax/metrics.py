@@ -1,4 +1,4 @@
-"""Evaluation: clean accuracy, backdoor attack success, distance between models."""
+"""Evaluation: clean accuracy, backdoor and targeted-flip attack success, membership-inference AUC, distances."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medu_jax.attacks import add_trigger
+from medu_jax.trees import relative_distance, tree_distance  # noqa: F401  (re-exported: the evaluation API)
 
 PyTree = Any
 
@@ -63,16 +64,3 @@ def membership_auc(apply_fn: Callable, params: PyTree, x_members, y_members, x_n
     lm = np.asarray(_losses(apply_fn, params, jnp.asarray(x_members), jnp.asarray(y_members)))
     ln = np.asarray(_losses(apply_fn, params, jnp.asarray(x_non), jnp.asarray(y_non)))
     return auc(-lm, -ln)
-
-
-def tree_distance(a: PyTree, b: PyTree) -> float:
-    """||a - b|| over all leaves (float64 accumulation on the host)."""
-    sq = sum(float(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2)) for x, y in
-             zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-    return sq**0.5
-
-
-def relative_distance(w: PyTree, w_ref: PyTree) -> float:
-    """||w - w_ref|| / ||w_ref||."""
-    zero = jax.tree.map(np.zeros_like, w_ref)
-    return tree_distance(w, w_ref) / max(tree_distance(w_ref, zero), 1e-30)
