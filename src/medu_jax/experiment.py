@@ -217,38 +217,39 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict[str, An
 
     rows = [
         {"method": "no unlearning (trained with attackers)", "bytes": 0, "ratio": float("nan"),
-         **evaluate(trained.params), "seconds": 0.0, "speedup": float("nan")},
+         **evaluate(trained.params), "seconds": 0.0, "speedup": float("nan"), "client_cost": 0.0},
         {"method": "retrain from scratch (reference)", "bytes": 0, "ratio": float("nan"),
-         **evaluate(w_retrain), "seconds": t_retrain, "speedup": 1.0},
+         **evaluate(w_retrain), "seconds": t_retrain, "speedup": 1.0, "client_cost": 1.0},
     ]
 
-    def forget(method: str, hist):
+    def forget(method: str, hist) -> R.Recovery:
         if not bad:
-            return replay(hist)
+            return R.Recovery(replay(hist), 0, 0.0, 0, 0)
         if method in ("naive", "corrected"):  # server-only replay, then exact tuning rounds
             w = (replay if method == "naive" else corrected_replay)(hist, bad)
-            return finetune(apply_fn, tx, w, clients, fed, bad, cfg.tune_rounds)
+            return R.finetune_baseline(w, bad, apply_fn, tx, clients, fed, cfg.tune_rounds)
         if method == "fedrecover":
             return R.fedrecover(hist, bad, apply_fn, tx, clients, fed, cfg.fedrecover_warmup, cfg.fedrecover_period,
-                                cfg.fedrecover_tune).params
+                                cfg.fedrecover_tune)
         if method == "adaptive":
             return R.adaptive_recovery(hist, bad, apply_fn, tx, clients, fed, cfg.fedrecover_warmup,
-                                       cfg.fedrecover_tune).params
+                                       cfg.fedrecover_tune)
         if method == "federaser":
-            return R.federaser(hist, bad, apply_fn, tx, clients, fed, cfg.federaser_every, cfg.federaser_ratio).params
-        return B.crab(hist, bad, apply_fn, tx, clients, fed, cfg.cal_steps).params
+            return R.federaser(hist, bad, apply_fn, tx, clients, fed, cfg.federaser_every, cfg.federaser_ratio)
+        return B.crab(hist, bad, apply_fn, tx, clients, fed, cfg.cal_steps)
 
     f32_full = histories[cfg.methods[0]].float32_nbytes if cfg.methods else 0
     for um in cfg.unlearn_methods:
         for name in cfg.methods:
             hist = histories[cfg.history_for(um, name)]
             # methods with client work take seconds: fewer timing repeats than the millisecond replays
-            w_u, t_u, t_ref = _timed_against(functools.partial(forget, um), retrain, hist,
+            rec, t_u, t_ref = _timed_against(functools.partial(forget, um), retrain, hist,
                                              repeats=5 if um in ("naive", "corrected") else 1)
             t_retrain = min(t_retrain, t_ref)
             label = f"history: {name}" if len(cfg.unlearn_methods) == 1 else f"{um} / {name}"
             rows.append({"method": label, "bytes": hist.nbytes, "ratio": f32_full / max(hist.nbytes, 1),
-                         **evaluate(w_u), "seconds": t_u, "speedup": t_ref / t_u})
+                         **evaluate(rec.params), "seconds": t_u, "speedup": t_ref / t_u,
+                         "client_cost": rec.client_cost})
     rows[1]["seconds"] = t_retrain
     return {
         "config": dataclasses.asdict(cfg),
@@ -263,9 +264,9 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict[str, An
 
 def format_table(result: dict) -> str:
     """The comparison table as Markdown (paste-able into the README)."""
-    head = ("| method | bytes | ratio vs float32 | clean acc | attack success | dist to retrain | time (s) |"
+    head = ("| method | bytes | ratio vs float32 | clean acc | attack success | dist to retrain | client cost | time (s) |"
             " speed-up vs retrain |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         ratio = "" if r["ratio"] != r["ratio"] else f"{r['ratio']:.1f}x"
         nbytes = f"{r['bytes']:,}" if r["bytes"] else ""
@@ -273,7 +274,7 @@ def format_table(result: dict) -> str:
         speed = "" if r["method"].startswith(("no unlearning", "retrain")) else f"{r['speedup']:.1f}x"
         lines.append(
             f"| {r['method']} | {nbytes} | {ratio} | {100 * r['accuracy']:.1f}% | {asr} | "
-            f"{r['dist_to_retrain']:.3f} | {r['seconds']:.3f} | {speed} |"
+            f"{r['dist_to_retrain']:.3f} | {100 * r['client_cost']:.0f}% | {r['seconds']:.3f} | {speed} |"
         )
     return "\n".join(lines)
 
