@@ -10,6 +10,7 @@ table against the bar of ``BAR``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -103,6 +104,14 @@ def _pad(data: ClientData, multiple: int = 256) -> ClientData:
     return ClientData(x, y, data.n)
 
 
+@functools.lru_cache(maxsize=None)
+def _model_and_optimizer(hidden: tuple, num_classes: int, lr: float):
+    """One model and optimizer object per setting, shared by every cell: jit keys its caches on ``apply_fn`` and
+    ``tx`` (a new ``model.apply`` or ``optax.sgd`` per cell would recompile every program in every cell)."""
+    model = MLP(tuple(hidden), num_classes)
+    return model, optax.sgd(lr)
+
+
 def _dataset(name: str, seed: int, cfg: SuiteConfig) -> D.Dataset:
     if name == "digits":
         return D.load_digits(seed)
@@ -135,10 +144,9 @@ def run_cell(cell: dict, cfg: SuiteConfig) -> dict[str, Any]:
     else:
         scale = attacks.update_scale(k, bad, cfg.attack_scale if attack == "scaled" else -cfg.attack_scale)
 
-    model = MLP(tuple(cfg.hidden), ds.num_classes)
+    model, tx = _model_and_optimizer(tuple(cfg.hidden), ds.num_classes, float(cfg.lr))
     apply_fn = model.apply
     params0 = model.init(jax.random.key(cell["seed"]), jnp.zeros((1, *ds.x_train.shape[1:])))
-    tx = optax.sgd(cfg.lr)
     fed = FedConfig(cfg.rounds, cfg.local_steps, cfg.batch_size, 1.0, 1.0, cell["seed"])
     frac, tau, lattice, bits = cfg.medu
     histories = {"float32": C.identity(), "medu": C.medu(frac, tau, lattice, bits)}
