@@ -39,8 +39,6 @@ from medu_jax.unlearn import _flat_users, lbfgs_hvp
 
 PyTree = Any
 
-PROBE_STREAM = 3  # fold_in tag, within a round's key, of recovery's own randomness (after 0-2 of fedavg/history)
-
 
 class Recovery(NamedTuple):
     """An unlearned model and what it cost the remaining clients.
