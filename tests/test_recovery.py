@@ -112,6 +112,21 @@ def test_adaptive_spends_exact_rounds_within_its_budget():
         mj.adaptive_recovery(h, [4], model.apply, tx, clients, cfg, drift=0)
 
 
+def test_adaptive_budget_caps_abnormality_fixing_and_counts_what_it_leaves_out():
+    ds, clients, model, params0, tx, cfg, run = setup()
+    h = run.histories["medu"]
+    free = mj.adaptive_recovery(h, [4, 5], model.apply, tx, clients, cfg, warmup=2, tune=1, drift=1e6, alpha=0.5,
+                                budget=10.0)
+    capped = mj.adaptive_recovery(h, [4, 5], model.apply, tx, clients, cfg, warmup=2, tune=1, drift=1e6, alpha=0.5,
+                                  budget=0.6)
+    assert free.fixed_updates > capped.fixed_updates and free.dropped_estimates == 0
+    assert free.client_cost > 0.6 >= capped.client_cost - 1e-9 and capped.dropped_estimates > 0
+    assert all(np.all(np.isfinite(x)) for x in leaves(capped.params))
+    # FedRecover itself has no budget: the paper fixes every abnormal client
+    fr = mj.fedrecover(h, [4, 5], model.apply, tx, clients, cfg, warmup=2, period=0, tune=1, alpha=0.5)
+    assert fr.dropped_estimates == 0 and fr.fixed_updates == free.fixed_updates
+
+
 def test_federaser_step_keeps_stored_norms_and_calibrated_directions():
     ds, clients, model, params0, tx, cfg, run = setup()
     excl = jnp.zeros((K,), bool).at[0].set(True)

@@ -63,7 +63,7 @@ class ExperimentConfig:
     lattice: str = "A2"
     bits: int = 2
     methods: tuple = ("float32", "sparsify", "threshold", "lattice", "medu")
-    unlearn_methods: tuple = ("fedrecover",)
+    unlearn_methods: tuple = ("adaptive",)
     tune_rounds: int = 2
     fedrecover_warmup: int = 5
     fedrecover_period: int = 10

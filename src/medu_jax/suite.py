@@ -30,7 +30,7 @@ from medu_jax.unlearn import replay
 
 SUITE_ATTACKS = ("backdoor", "targeted_flip", "scaled", "sign_flip")
 METHODS = ("fedrecover", "adaptive", "federaser", "naive")
-DEFAULT_METHOD = "fedrecover"
+DEFAULT_METHOD = "adaptive"  # the default of mj.unlearn
 # the bar the default method, from the MEDU history, must meet in every cell (mean over seeds)
 BAR = {"accuracy_gap": 0.02, "attack_gap": 0.03, "client_cost": 0.30, "ratio": 30.0}
 
@@ -326,8 +326,8 @@ def format_summary(summary: list[dict]) -> str:
     """The pass/fail matrix as Markdown: retraining, attacked, fine-tuning at equal cost, the default method."""
     d = f"{DEFAULT_METHOD}/medu_"
     head = ("| scenario | seeds | retrain acc / ASR | attacked acc / ASR / dist | finetune (equal cost) acc / ASR / dist "
-            "/ MIA | **fedrecover-MEDU** acc / ASR / dist / MIA (retrain MIA) | cost | ratio | rebuild | pass | beats "
-            "finetune dist / MIA |")
+            f"/ MIA | **{DEFAULT_METHOD}-MEDU** acc / ASR / dist / MIA (retrain MIA) | cost | ratio | rebuild | pass | "
+            "beats finetune dist / MIA |")
     lines = [head, "|" + "---|" * 11]
     for s in summary:
         failed = [k for k, ok in s["checks"].items() if not ok]
