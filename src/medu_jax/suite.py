@@ -344,6 +344,22 @@ def format_summary(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_compact(summary: list[dict]) -> str:
+    """The pass/fail matrix in few columns (the README's): the default method from the MEDU history vs retraining."""
+    d = f"{DEFAULT_METHOD}/medu_"
+    lines = ["| scenario | acc: retrain / unlearned | attack success: retrain / attacked / unlearned | dist: attacked / "
+             "unlearned | client cost | bytes ratio | pass |", "|---|---|---|---|---:|---:|---|"]
+    for s in summary:
+        failed = [k for k, ok in s["checks"].items() if not ok]
+        lines.append(
+            f"| {s['scenario']} | {_pct(s['retrain_accuracy'])} / {_pct(s[d + 'accuracy'])} | "
+            f"{_pct(s['retrain_attack_success']) or '-'} / {_pct(s['attacked_attack_success']) or '-'} / "
+            f"{_pct(s[d + 'attack_success']) or '-'} | {s['attacked_dist_to_retrain']:.3f} / "
+            f"{s[d + 'dist_to_retrain']:.3f} | {_pct(s[d + 'client_cost'])}% | {s[d + 'ratio']:.1f}x | "
+            f"{'pass' if s['pass'] else '**FAIL** (' + ', '.join(failed) + ')'} |")
+    return "\n".join(lines)
+
+
 def format_methods(summary: list[dict]) -> str:
     """Every method x history per scenario: accuracy gap to retraining, distance, client cost."""
     methods = sorted({k.split("_")[0] for s in summary for k in s if "/" in k})
