@@ -271,3 +271,119 @@ def test_like_static_structure():
     x = {"a": jnp.zeros((3, 4)), "b": jnp.zeros((3, 2), jnp.bfloat16)}
     like = Like.of(x)
     assert like.num_users == 3 and like.leaves[1] == ((3, 2), "bfloat16")
+
+
+# ------------------------------------------------------------------ issue 15: the guard (no silent divergence)
+
+
+def _guarded_chain(fraction, tau, lattice, bits, scale):
+    parts = []
+    if fraction is not None:
+        parts.append(mj.user_sparsification(fraction))
+    if tau is not None:
+        parts.append(mj.differential_threshold(tau, reset=True))
+    parts.append(mj.lattice_coding(lattice, bits, scale, guard=True))
+    return mj.chain(*parts)
+
+
+@settings(max_examples=8, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(
+    fraction=st.sampled_from([None, 0.5]),
+    tau=st.sampled_from([None, 0.0, 0.3, 0.9]),
+    lattice=st.sampled_from(["Z", "A2", "D4", "E8"]),
+    bits=st.sampled_from([1, 1, 2, 3, 5, 8, 16]),
+    scale=st.sampled_from(["maxabs", "rms"]),
+    sizes=st.lists(st.sampled_from([1, 3, 7, 33, 130]), min_size=1, max_size=3),
+    magnitude=st.sampled_from([0.0, 1e-36, 1e-3, 1.0, 1e36]),
+    seed=st.integers(0, 2**20),
+)
+def test_property_a_guarded_chain_never_stores_a_row_worse_than_zero(fraction, tau, lattice, bits, scale, sizes,
+                                                                     magnitude, seed):
+    comp = _guarded_chain(fraction, tau, lattice, bits, scale)
+    k = 5
+    rng = np.random.default_rng(seed)
+    walk = [rng.standard_normal((k, n)) for n in sizes]
+    state = comp.init({f"l{i}": jnp.zeros((k, n)) for i, n in enumerate(sizes)})
+    enc = jax.jit(comp.encode)
+    dstate = state
+    for t in range(4):
+        walk = [w + 0.5 * rng.standard_normal(w.shape) for w in walk]  # correlated rounds, so some are skipped
+        ups = {f"l{i}": jnp.asarray(w * magnitude, jnp.float32) for i, w in enumerate(walk)}
+        key = mj.compressor_key(seed, t)
+        msg, state, dec, valid, stats = enc(ups, state, key)
+        # float64 reference of every stored or skipped row's error against its update's own norm
+        h = np.concatenate([np.asarray(ups[f"l{i}"], np.float64) for i in range(len(sizes))], axis=1)
+        d = np.concatenate([np.asarray(dec[f"l{i}"], np.float64) for i in range(len(sizes))], axis=1)
+        assert np.all(np.isfinite(d))
+        err, nrm = np.linalg.norm(d - h, axis=1), np.linalg.norm(h, axis=1)
+        skipped = np.asarray(msg.flags["threshold"]["skipped"]) if tau is not None else np.zeros(k, bool)
+        rows = np.asarray(msg.present) | skipped
+        assert np.all(err[rows] <= nrm[rows] * (1 + 1e-4) + 1e-30 * magnitude), (err, nrm, rows)
+        fell = np.asarray(stats.fallback)
+        assert not np.any(fell & ~np.asarray(msg.present))
+        # a fallen row is stored with scale 0 and decodes to exactly zero; the decoder replays the encoder
+        dec2, _, dstate = comp.decode(msg, dstate, key)
+        for a, b in zip(jax.tree.leaves(dec), jax.tree.leaves(dec2)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_guard_counts_one_bit_fallbacks_and_keeps_the_closed_loop_bounded():
+    # 1 bit with the maxabs scale decodes with an error above the row's norm: the guard stores zeros instead and
+    # counts them; over 30 rounds the relative error stays <= 1 (unguarded, this chain diverged to 2.5e7)
+    comp = mj.medu(0.5, 0.3, "A2", 1, guard=True)
+    out = run_rounds(comp, 30)
+    rel = [float(jnp.sum(s.sq_error) / jnp.sum(s.sq_norm)) for _, _, _, _, s, _ in out]
+    assert max(rel) <= 1.0 + 1e-5
+    fell = sum(int(jnp.sum(s.fallback)) for _, _, _, _, s, _ in out)
+    assert fell > 0
+    for _, msg, dec, _, s, _ in out:
+        slots = np.flatnonzero(np.asarray(msg.present))
+        zero_rows = np.all(np.asarray(msg.rows["scales"])[: len(slots)] == 0, axis=1)
+        assert np.array_equal(zero_rows, np.asarray(s.fallback)[slots])
+
+
+def test_guard_changes_no_bits_where_nothing_falls_back():
+    plain = mj.medu(0.5, 0.3, "A2", 2)
+    guarded = mj.chain(mj.user_sparsification(0.5), mj.differential_threshold(0.3),
+                       mj.lattice_coding("A2", 2, guard=True))
+    for (u1, m1, d1, v1, s1, _), (u2, m2, d2, v2, s2, _) in zip(run_rounds(plain, 5), run_rounds(guarded, 5)):
+        assert not np.any(np.asarray(s2.fallback)) and s1.fallback is None
+        for a, b in zip(jax.tree.leaves((m1, d1, v1, s1.sq_error)), jax.tree.leaves((m2, d2, v2, s2.sq_error))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_reset_codes_a_key_frame_when_the_reference_is_worse_than_zero():
+    comp = mj.chain(mj.differential_threshold(0.1, reset=True), mj.lattice_coding("E8", 8, clip="cover", guard=True))
+    x = {"w": jax.random.normal(jax.random.key(0), (3, 40))}
+    state = comp.init(x)
+    _, state, _, _, _ = comp.encode(x, state, jax.random.key(1))
+    flipped = {"w": -x["w"]}  # the reference (x) is farther from -x than zero is
+    msg, state, dec, _, _ = comp.encode(flipped, state, jax.random.key(2))
+    assert np.all(np.asarray(msg.flags["threshold"]["reset"]))
+    np.testing.assert_allclose(np.asarray(dec["w"]), np.asarray(flipped["w"]), atol=0.05)
+
+
+def test_a_closed_loop_that_cannot_work_is_refused_at_construction():
+    with pytest.raises(ValueError, match="cannot work"):
+        mj.medu(bits=1)
+    with pytest.raises(ValueError, match="cannot work"):
+        mj.chain(mj.differential_threshold(0.2), mj.lattice_coding("Z", 1, "rms"))
+    mj.medu(bits=1, guard=True)
+    mj.chain(mj.differential_threshold(0.2), mj.lattice_coding("Z", 1, "rms", clip="fit", gain="wiener"))
+    mj.lattice_coding("A2", 1)  # open loop: no feedback to diverge
+    with pytest.raises(ValueError, match="guard must be"):
+        mj.lattice_coding(guard=-1.0)
+
+
+def test_default_configs_are_unchanged_and_new_options_round_trip():
+    assert mj.medu().config() == [
+        {"layer": "UserSparsification", "fraction": 0.5, "count": None, "mode": "random", "missing": "last",
+         "name": "sparsify"},
+        {"layer": "DifferentialThreshold", "tau": 0.1, "name": "threshold"},
+        {"layer": "LatticeCoding", "lattice": "A2", "bits": 2, "scale": "maxabs", "clip": 1.0, "group_size": None,
+         "name": "lattice"},
+    ]
+    for comp in (mj.medu(bits=1, guard=True), mj.medu(scale="rms", clip="fit", gain="wiener"),
+                 mj.lattice_coding("E8", 16, clip="cover")):
+        again = Compressor.from_config(comp.config())
+        assert again == comp and hash(again) == hash(comp)

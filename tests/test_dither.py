@@ -206,3 +206,168 @@ def test_materialize_is_a_fusion_boundary_that_the_cpu_compiler_keeps():
     assert float(f(x, jnp.int32(3))) == float((x * 2 + 1).sum())
     hlo = f.lower(x, jnp.int32(3)).compile().as_text()
     assert ("conditional(" in hlo) == (jax.default_backend() == "cpu")  # elsewhere a no-op
+
+
+# ------------------------------------------------------------------ issue 15: tiny scales, cover, gain, bits kept
+
+
+def _digest(*arrays) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.asarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+# sha256 prefixes of (codes, scales, overload, decoded) of a fixed N(0, 0.01^2) vector of 3001 entries, key 3,
+# computed with the quantizer before the issue-15 changes: the defaults (and every option that existed) keep
+# their bits for normal-range inputs.
+GOLDEN = {
+    ("A2", 2, "maxabs", None): "c8f65b2ea7e30fcf",
+    ("Z", 16, "maxabs", None): "fef9e0f73de637e6",
+    ("E8", 3, "rms", 64): "031b4d6e1abead05",
+    ("D4", 1, "rms", None): "140f5c8ae716e0e9",
+}
+
+
+def _golden_case(lat, bits, scale, group):
+    x = jax.random.normal(jax.random.key(7), (3001,)) * 0.01
+    spec = QuantizerSpec(lat, bits, scale, group_size=group)
+    q = quantize(x, jax.random.key(3), spec)
+    xh = dequantize(q.codes, q.scales, jax.random.key(3), spec, x.shape[0])
+    return _digest(q.codes, q.scales, q.overload, xh)
+
+
+@pytest.mark.parametrize("case", list(GOLDEN))
+def test_defaults_keep_their_bits_on_normal_inputs(case):
+    assert _golden_case(*case) == GOLDEN[case]
+
+
+def _rel_err(x, xh):
+    x64 = np.asarray(x, np.float64)
+    return np.linalg.norm(np.asarray(xh, np.float64) - x64) / np.linalg.norm(x64)
+
+
+@pytest.mark.parametrize("name", ["Z", "A2", "E8"])  # D4 at >= 12 bits: see test_d4_high_rate_jit (xfail)
+@pytest.mark.parametrize("peak", [1e-37, 1e-34, 1e-25])
+def test_tiny_vectors_code_at_16_bits(name, peak):
+    # (1/step)/scale overflowed float32 for a max below ~1e-34 at 16 bits: the vector decoded to ~0 (error 1)
+    spec = QuantizerSpec(name, 16, clip="cover")
+    x = jax.random.normal(jax.random.key(0), (500,))
+    x = x / jnp.max(jnp.abs(x)) * peak
+    q, xh = roundtrip(x, jax.random.key(1), spec)
+    assert int(q.overload) == 0
+    assert np.all(np.isfinite(np.asarray(xh)))
+    # float64 reference: the 16-bit error bound (covering radius x step x scale per block), far below 1
+    assert _rel_err(x, xh) < 1e-3
+
+
+def test_tiny_groups_next_to_normal_groups_keep_the_normal_groups_bits():
+    spec = QuantizerSpec("A2", 16, clip="cover", group_size=64)
+    x = jax.random.normal(jax.random.key(0), (256,))
+    tiny = x.at[:64].multiply(1e-36)
+    q0, xh0 = roundtrip(x, jax.random.key(1), spec)
+    q1, xh1 = roundtrip(tiny, jax.random.key(1), spec)
+    np.testing.assert_array_equal(np.asarray(q0.codes)[64:], np.asarray(q1.codes)[64:])
+    np.testing.assert_array_equal(np.asarray(xh0)[64:], np.asarray(xh1)[64:])
+    assert _rel_err(tiny[:64], xh1[:64]) < 1e-3
+
+
+@pytest.mark.parametrize("name", ["A2", "D4", "E8"])
+def test_cover_clip_removes_the_high_rate_overload_of_maxabs(name):
+    # a block at a corner of the max-abs cube lies outside the coarse cell of clip 1 (A2's hexagon of the square's
+    # area cuts its corners): shrunk by 0.75, a 16-bit code then has a 25% error there. clip="cover" fits the cube.
+    lat = QuantizerSpec(name).lattice
+    n = 64 * lat.dim
+    x = np.asarray(jax.random.uniform(jax.random.key(0), (n,), minval=-1, maxval=1))
+    x.reshape(lat.dim, -1)[:, :8] = 0.999  # eight blocks at the corner (blocks are strided)
+    x = jnp.asarray(x)
+    q0, xh0 = roundtrip(x, jax.random.key(1), QuantizerSpec(name, 16))
+    q1, xh1 = roundtrip(x, jax.random.key(1), QuantizerSpec(name, 16, clip="cover"))
+    assert int(q0.overload) >= 8 and _rel_err(x, xh0) > 1e-2
+    assert int(q1.overload) == 0 and _rel_err(x, xh1) < 1e-4
+
+
+@pytest.mark.parametrize("name", ALL)
+@settings(max_examples=6, deadline=None)
+@given(bits=st.sampled_from([4, 6, 9, 12, 16]), n=st.integers(1, 300), seed=st.integers(0, 2**31 - 1),
+       magnitude=st.sampled_from([1e-36, 1e-3, 1.0, 1e35]))
+def test_property_cover_never_overloads_where_it_pays_the_margin(name, bits, n, seed, magnitude):
+    spec = QuantizerSpec(name, bits, clip="cover")
+    from medu_jax.dither import cover_clip, _cell_geometry
+
+    normals, rho, zmax = _cell_geometry(spec.lattice)
+    if (zmax + spec.lattice.covering_radius) / (rho * 2.0**bits) > 0.2:  # below the margin's threshold
+        return
+    x = jax.random.uniform(jax.random.key(seed), (n,), minval=-1, maxval=1) * magnitude
+    q, xh = roundtrip(x, jax.random.key(seed + 1), spec)
+    assert int(q.overload) == 0
+    assert np.all(np.isfinite(np.asarray(xh)))
+    assert spec.clip == pytest.approx(cover_clip(spec.lattice, bits))
+
+
+def test_cover_clip_values():
+    from medu_jax.dither import cover_clip
+    from medu_jax.lattices import LATTICES
+
+    asym = {"Z": 1.0, "A2": 2 * 0.5 * (1 + 3**0.5) / 2 * (3**0.5 / 2) ** 0.5 / 1.0 / 1.0, "D4": 2**0.25, "E8": 2.0}
+    # A2: h = 1.366 (normal (1/2, sqrt3/2)), V^(1/2) = (sqrt3/2)^(1/2), packing radius 1/2 -> 1.271
+    assert cover_clip(LATTICES["A2"], 16) == pytest.approx(1.2712, abs=1e-3)
+    for name, c in asym.items():
+        assert cover_clip(LATTICES[name], 16) == pytest.approx(c, rel=1e-3), name
+        assert cover_clip(LATTICES[name], 8) >= cover_clip(LATTICES[name], 16)
+
+
+@pytest.mark.parametrize("name", ["Z", "A2"])
+def test_wiener_gain_makes_one_bit_codes_beat_storing_zeros(name):
+    # every unbiased 1-bit option has an MSE above the variance (zeros); the shrinkage on decode goes below it
+    x = jax.random.normal(jax.random.key(0), (40_000,))
+    for kw in (dict(scale="maxabs"), dict(scale="rms")):
+        _, xh = roundtrip(x, jax.random.key(1), QuantizerSpec(name, 1, **kw))
+        assert np.mean((np.asarray(xh, np.float64) - np.asarray(x)) ** 2) > 1.0
+    spec = QuantizerSpec(name, 1, "rms", clip="fit", gain="wiener")
+    _, xh = roundtrip(x, jax.random.key(1), spec)
+    mse = np.mean((np.asarray(xh, np.float64) - np.asarray(x, np.float64)) ** 2) / np.var(np.asarray(x))
+    assert mse < 0.8
+    assert spec.decode_gain == pytest.approx(1 / (1 + spec.error_variance()))
+
+
+def test_gain_scales_the_unbiased_reconstruction():
+    x = jax.random.normal(jax.random.key(0), (999,))
+    _, xh = roundtrip(x, jax.random.key(1), QuantizerSpec("E8", 3, "rms"))
+    _, xg = roundtrip(x, jax.random.key(1), QuantizerSpec("E8", 3, "rms", gain=0.5))
+    np.testing.assert_allclose(np.asarray(xg), 0.5 * np.asarray(xh), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lattice="A2", clip="big"), "unknown clip rule"),
+        (dict(lattice="A2", clip="cover", scale="rms"), "needs scale=\"maxabs\""),
+        (dict(lattice="A2", clip="fit"), "scale=\"rms\""),
+        (dict(lattice="A2", gain="wiener"), "needs scale=\"rms\""),
+        (dict(lattice="A2", gain=1.5), "gain must be"),
+        (dict(lattice="A2", gain=0.0), "gain must be"),
+        (dict(lattice="A2", gain="loud", scale="rms"), "unknown gain rule"),
+        (dict(lattice="A2", clip=float("inf")), "clip must be positive"),
+    ],
+)
+def test_bad_new_quantizer_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QuantizerSpec(**kwargs)
+
+
+@pytest.mark.xfail(strict=True, reason="pre-existing (also before issue 15): jitted D4 encode at >= 12 bits codes a "
+                   "block of some vectors hundreds of steps off (eager is right); not yet understood")
+def test_d4_high_rate_jit():
+    spec = QuantizerSpec("D4", 16, clip=1.3)
+    qf = jax.jit(quantize, static_argnums=2)
+    df = jax.jit(dequantize, static_argnums=(3, 4, 5))
+    worst = 0.0
+    for k in range(12):
+        x = jax.random.normal(jax.random.key(k), (500,))
+        x = x / jnp.max(jnp.abs(x))
+        q = qf(x, jax.random.key(1), spec)
+        worst = max(worst, float(jnp.max(jnp.abs(df(q.codes, q.scales, jax.random.key(1), spec, 500, x.dtype) - x))))
+    assert worst < 50 * spec.step

@@ -18,6 +18,7 @@ A single layer is itself a compressor (an identity coder is appended when no cod
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -58,6 +59,7 @@ class Stats(NamedTuple):
     sq_error: Array  # (K,) ||decoded - update||^2 of active users (0 elsewhere)
     sq_norm: Array  # (K,) ||update||^2 of active users
     stored: Array  # (K,) bool, same as message.present
+    fallback: Array | None = None  # (K,) bool: stored rows a guarded coder replaced by zero (None: no guard)
 
 
 class Like(NamedTuple):
@@ -98,6 +100,23 @@ def tree_sq_norm(tree: PyTree) -> Array:
         for x in jax.tree.leaves(tree)
     ]
     return sum(parts[1:], parts[0])
+
+
+def scaled_sq_norms(a: PyTree, b: PyTree) -> tuple[Array, Array]:
+    """Per-user (||a||^2, ||b||^2) / m^2 with m the user's largest |entry| of a and b (1 where both are zero):
+    a ratio of the two is then exact for huge (squares above float32's range) and tiny (squares flushed to
+    zero) values alike."""
+    def peak(tree):
+        return functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x.astype(jnp.float32)).reshape(x.shape[0], -1), axis=1)
+                                              for x in jax.tree.leaves(tree)])
+
+    m = jnp.maximum(peak(a), peak(b))
+    m = jnp.where(m > 0, m, 1.0)
+
+    def norm(tree):
+        return tree_sq_norm(jax.tree.map(lambda x: x.astype(jnp.float32) / _user_mask(m, x), tree))
+
+    return norm(a), norm(b)
 
 
 # ----------------------------------------------------------------------------------------------- layers
@@ -167,15 +186,21 @@ class DifferentialThreshold:
     """Closed-loop differential coding: store h - r_k, or only a flag when ||h - r_k|| / ||h|| < tau.
 
     r_k is user k's last stored, decoded update, updated identically by encoder and decoder.
+    reset (opt-in): when the reference is no closer to the update than zero is (||h - r_k|| > ||h||), the row
+    codes h itself (a key frame, flagged "reset"), so the coder's input is never larger than the update: with a
+    guarded coder the decoded error of a stored row then stays below ||h||.
     """
 
     tau: float = 0.1
     name: str = "threshold"
+    reset: bool = False
     kind = "filter"
 
     def __post_init__(self):
         if not float(self.tau) >= 0.0:
             raise ValueError(f"tau must be >= 0, got {self.tau!r}")
+        if not isinstance(self.reset, bool):
+            raise ValueError(f"reset must be a bool, got {self.reset!r}")
 
     def init(self, like: Like) -> dict:
         return {"ref": like.zeros(), "has": jnp.zeros((like.num_users,), bool)}
@@ -184,14 +209,21 @@ class DifferentialThreshold:
         delta = jax.tree.map(lambda a, r: a - r.astype(a.dtype), x, state["ref"])
         rel2 = tree_sq_norm(delta) / jnp.maximum(tree_sq_norm(x), jnp.finfo(jnp.float32).tiny)
         skipped = present & state["has"] & (rel2 < float(self.tau) ** 2)
-        return delta, present & ~skipped, {"skipped": skipped}
+        if not self.reset:
+            return delta, present & ~skipped, {"skipped": skipped}
+        d2, h2 = scaled_sq_norms(delta, x)  # also right where the squares overflow or underflow
+        skipped = present & state["has"] & (d2 < float(self.tau) ** 2 * h2)
+        reset = present & ~skipped & ~(d2 <= h2)
+        return tree_where(reset, x, delta), present & ~skipped, {"skipped": skipped, "reset": reset}
 
     def restore(self, x_hat, valid, flags, state, active):
         skipped = flags["skipped"]
         stored_in = valid | skipped
         ref = state["ref"]
+        if "reset" in flags:  # a key frame's row is the update itself: its reference is zero
+            ref = tree_where(flags["reset"], jax.tree.map(jnp.zeros_like, ref), ref)
         full = jax.tree.map(lambda d, r: r + jnp.where(_user_mask(skipped, d), 0, d).astype(r.dtype), x_hat, ref)
-        new_ref = tree_where(stored_in, full, ref)
+        new_ref = tree_where(stored_in, full, state["ref"])
         return full, stored_in, {"ref": new_ref, "has": state["has"] | stored_in}
 
 
@@ -217,25 +249,50 @@ class LatticeCoding:
 
     Scales: one per leaf (or per ``group_size`` entries of a leaf). The dither of user k is drawn from
     fold_in(key, k) with a counter over the user's concatenated entries: derived, never stored.
+
+    Opt-in (defaults keep the bits): ``gain`` (decoder shrinkage, see ``QuantizerSpec``), and ``guard``: a row
+    whose decoded error would exceed ``guard`` times the coder's input norm (True means 1: never worse than
+    storing zero) is stored as zero instead (its scales set to 0, which decodes to exactly 0 with no flag), and
+    counted in ``Stats.fallback``; the closed loop keeps what the zero left out (the threshold's reference, the
+    error feedback's carry).
     """
 
     lattice: str | Lattice = "A2"
     bits: int = 2
     scale: str = "maxabs"
-    clip: float | None = None
+    clip: float | str | None = None
     group_size: int | None = None
     name: str = "lattice"
+    gain: float | str | None = None
+    guard: float | None = None
     kind = "coder"
     decode_bytes = 16  # transient bytes per decoded entry: codes, lattice pieces, their concatenation, scaled
 
     def __post_init__(self):
-        spec = QuantizerSpec(self.lattice, self.bits, self.scale, self.clip, self.group_size)
+        spec = QuantizerSpec(self.lattice, self.bits, self.scale, self.clip, self.group_size, gain=self.gain)
         object.__setattr__(self, "lattice", spec.lattice.name)
         object.__setattr__(self, "clip", spec.clip)
+        guard = self.guard
+        if guard is False:
+            guard = None
+        elif guard is True:
+            guard = 1.0
+        if guard is not None and not (np.isfinite(float(guard)) and float(guard) > 0):
+            raise ValueError(f"guard must be a positive bound on ||error|| / ||row||, True (1) or None; got {guard!r}")
+        object.__setattr__(self, "guard", None if guard is None else float(guard))
 
     @property
     def spec(self) -> QuantizerSpec:
-        return QuantizerSpec(self.lattice, self.bits, self.scale, self.clip, self.group_size)
+        return QuantizerSpec(self.lattice, self.bits, self.scale, self.clip, self.group_size, gain=self.gain)
+
+    def guard_rows(self, rows, decoded, x, users: Array):
+        """The guard: rows whose decoded error exceeds ``guard`` x their input norm (or is not finite) get scale
+        0. Returns (rows, decoded, fell (slots,) bool) with the fallen rows zero in ``decoded``."""
+        err = jax.tree.map(lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), decoded, x)
+        e2, n2 = scaled_sq_norms(err, x)
+        fell = ~(e2 <= (self.guard**2) * n2)  # NaN/inf errors fall back too
+        rows = {**rows, "scales": jnp.where(fell[:, None], 0.0, rows["scales"]).astype(rows["scales"].dtype)}
+        return rows, tree_where(fell, jax.tree.map(jnp.zeros_like, decoded), decoded), fell
 
     def layout(self, like: Like):
         return self.spec.layout(tuple(int(np.prod(s[1:], dtype=np.int64)) for s, _ in like.leaves))
@@ -268,6 +325,7 @@ class LatticeCoding:
 # ------------------------------------------------------------------------------------------ the chain
 
 _FILTER_ORDER = {UserSparsification: 0, DifferentialThreshold: 1}
+_OPT_IN_DEFAULTS = {"LatticeCoding": {"gain": None, "guard": None}, "DifferentialThreshold": {"reset": False}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,6 +351,14 @@ class Compressor:
         if not coders:
             layers = layers + (Identity(),)
         object.__setattr__(self, "layers", layers)
+        coder = layers[-1]
+        if (any(isinstance(f, DifferentialThreshold) for f in filters) and isinstance(coder, LatticeCoding)
+                and coder.guard is None and coder.spec.decode_gain is None and coder.bits == 1):
+            raise ValueError(
+                "differential_threshold with 1-bit lattice coding cannot work: every 1-bit lattice/scale option "
+                "decodes with an error larger than its input, and the closed loop feeds that error back and "
+                "diverges (measured: relative error 2.5e7). Pass guard=True (rows that would decode worse than "
+                "zero are stored as zero), gain='wiener' with scale='rms', or use 2 or more bits.")
 
     @property
     def filters(self) -> tuple:
@@ -313,8 +379,16 @@ class Compressor:
         return jnp.nonzero(present, size=self.capacity(k), fill_value=k)[0].astype(jnp.int32)
 
     def config(self) -> list[dict]:
-        """A JSON-able description of the layers (recorded in histories)."""
-        return [{"layer": type(layer).__name__, **dataclasses.asdict(layer)} for layer in self.layers]
+        """A JSON-able description of the layers (recorded in histories). Opt-in fields appear only when set,
+        so the configs of chains that do not use them are what they were before those fields existed."""
+        out = []
+        for layer in self.layers:
+            d = dataclasses.asdict(layer)
+            for key, default in _OPT_IN_DEFAULTS.get(type(layer).__name__, {}).items():
+                if d.get(key) == default:
+                    d.pop(key)
+            out.append({"layer": type(layer).__name__, **d})
+        return out
 
     @classmethod
     def from_config(cls, config: list[dict]) -> "Compressor":
@@ -358,14 +432,25 @@ class Compressor:
         slots = self.slots(present)
         x = jax.tree.map(lambda a: a[jnp.minimum(slots, k - 1)], x)
         rows, overload = self.coder.encode(x, jax.random.fold_in(key, 0), like, slots)
-        message = Message(active, present, flags, rows)
-        decoded, valid, new_state = self.decode(message, state, key)
+        fallback = None
+        if getattr(self.coder, "guard", None) is not None:
+            # the coder's own decode of the rows, checked against their input; the fallen rows are stored with
+            # scale 0, which ``decode`` turns into exactly the zeros used here (replay sees the same bits)
+            rows_hat = self.coder.decode(rows, jax.random.fold_in(key, 0), like, slots)
+            rows, rows_hat, fell = self.coder.guard_rows(rows, rows_hat, x, slots)
+            fallback = jnp.zeros((k,), bool).at[slots].set(fell, mode="drop") & present
+            message = Message(active, present, flags, rows)
+            decoded, valid, new_state = self.restore(rows_hat, message, state)
+        else:
+            message = Message(active, present, flags, rows)
+            decoded, valid, new_state = self.decode(message, state, key)
         err = jax.tree.map(lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), decoded, updates)
         stats = Stats(
             overload,
             jnp.where(active, tree_sq_norm(err), 0.0),
             jnp.where(active, tree_sq_norm(updates), 0.0),
             present,
+            fallback,
         )
         return message, new_state, decoded, valid, stats
 
@@ -426,20 +511,26 @@ def user_sparsification(
     return _as_compressor(UserSparsification(fraction, count, mode, missing))
 
 
-def differential_threshold(tau: float = 0.1) -> Compressor:
-    """Layer 2: store h - r_k against a closed-loop reference, or only a flag if the relative change < tau."""
-    return _as_compressor(DifferentialThreshold(tau))
+def differential_threshold(tau: float = 0.1, reset: bool = False) -> Compressor:
+    """Layer 2: store h - r_k against a closed-loop reference, or only a flag if the relative change < tau;
+    ``reset=True`` codes h itself when the reference is farther from h than zero is (a flagged key frame)."""
+    return _as_compressor(DifferentialThreshold(tau, reset=reset))
 
 
 def lattice_coding(
     lattice: str | Lattice = "A2",
     bits: int = 2,
     scale: str = "maxabs",
-    clip: float | None = None,
+    clip: float | str | None = None,
     group_size: int | None = None,
+    gain: float | str | None = None,
+    guard: bool | float | None = None,
 ) -> Compressor:
-    """Layer 3: subtractive dithered lattice codes (Z, A2, D4, E8) at ``bits`` per entry, bit-packed."""
-    return _as_compressor(LatticeCoding(lattice, bits, scale, clip, group_size))
+    """Layer 3: subtractive dithered lattice codes (Z, A2, D4, E8) at ``bits`` per entry, bit-packed.
+
+    Opt-in: clip="cover"/"fit", gain (decoder shrinkage, e.g. "wiener" with scale="rms"), guard (rows that would
+    decode with an error above guard x their norm are stored as zero and counted); see ``LatticeCoding``."""
+    return _as_compressor(LatticeCoding(lattice, bits, scale, clip, group_size, gain=gain, guard=guard))
 
 
 def chain(*compressors: Compressor) -> Compressor:
@@ -464,12 +555,19 @@ def medu(
     mode: str = "random",
     missing: str = "last",
     scale: str = "maxabs",
+    clip: float | str | None = None,
+    gain: float | str | None = None,
+    guard: bool = False,
 ) -> Compressor:
-    """Full MEDU: user sparsification, differential thresholding and dithered lattice coding."""
+    """Full MEDU: user sparsification, differential thresholding and dithered lattice coding.
+
+    ``guard=True`` (opt-in) bounds every stored row's decoded error by its update's norm: the threshold codes a
+    key frame when its reference is worse than zero, and the coder stores zero for a row it would decode worse
+    than zero (counted in ``Stats.fallback``)."""
     return chain(
         user_sparsification(fraction, mode=mode, missing=missing),
-        differential_threshold(tau),
-        lattice_coding(lattice, bits, scale),
+        differential_threshold(tau, reset=bool(guard)),
+        lattice_coding(lattice, bits, scale, clip, gain=gain, guard=True if guard else None),
     )
 
 

@@ -11,6 +11,15 @@ Overload (q outside the coarse region) is detected by the encoder, which then sh
 origin along a fixed ladder of factors (ending with 0; if no factor fits, the block is coded as the lattice
 point 0, which always decodes exactly) and counts the block as overloaded.
 The dither is regenerated from a key on both sides: nothing random is stored.
+
+Options that change no bits of the defaults (all opt-in): ``clip="cover"`` (a codebook that contains the
+whole max-abs cube, so the maxabs scale never overloads: the A2/D4/E8 coarse cells of the default clip 1 cut
+the cube's corners, which at 16 bits turned a 1e-9 error into a 25% one), ``clip="fit"`` (the clip measured
+best for Gaussian groups with the rms scale, per lattice and bit width, see docs/codec.md) and ``gain``
+(a decoder-side shrinkage factor; "wiener" is 1 / (1 + error variance) for the rms scale, which makes 1-bit
+codes better than storing zeros, at the price of a biased error).
+Groups whose scale is tiny (below 2**-60, where (1/step)/scale overflowed float32 at high bit widths and the
+group decoded to ~0) are normalised in two exact steps; every other group keeps its bits.
 """
 
 from __future__ import annotations
@@ -29,6 +38,78 @@ from medu_jax.packing import check_bits
 Array = jax.Array
 
 SCALE_MODES = ("maxabs", "rms")
+CLIP_RULES = ("cover", "fit")
+GAIN_RULES = ("wiener",)
+
+TINY_SCALE = 2.0**-60  # below this, (1/step)/scale can overflow float32 (1/step reaches 3.3e4 at 16 bits)
+TINY_LIFT = 2.0**64  # exact power of two: tiny groups are normalised as (x * 2**64) * ((1/step) / (s * 2**64))
+
+# clip="fit": the clip (in rms units) that minimised the MSE of N(0, 1) vectors of 32768 entries with the rms
+# scale and gain="wiener", per lattice and bit width, on a grid of 0.25 from 1 to 4
+# (benchmarks/rate_distortion.py --fit --n 32768 --lattices Z; Z, A2 and D4 at 1-3 bits measured so; D4 at
+# 4 bits and E8 from a coarser search over 2.0-3.5: the grid search did not finish in its time box).
+FIT_CLIP = {
+    "Z": {1: 1.25, 2: 2.5, 3: 2.5, 4: 3.0},
+    "A2": {1: 1.5, 2: 2.25, 3: 2.5, 4: 3.0},
+    "D4": {1: 2.5, 2: 2.75, 3: 2.5, 4: 3.0},
+    "E8": {1: 3.0, 2: 3.0, 3: 3.0, 4: 3.0},
+}
+
+
+def fitted_clip(lattice: Lattice, bits: int) -> float:
+    """``clip="fit"``: the table's clip for (lattice, bits); above 4 bits, the 4-bit clip times sqrt(bits / 4)
+    (the optimal loading of a uniform quantizer for a Gaussian grows about as sqrt(R); not fitted)."""
+    table = FIT_CLIP[lattice.name]
+    if bits in table:
+        return table[bits]
+    top = max(table)
+    return float(table[top] * np.sqrt(bits / top))
+
+
+@functools.lru_cache(maxsize=None)
+def _cell_geometry(lat: Lattice) -> tuple[np.ndarray, float, float]:
+    """(unit facet normals of the Voronoi cell, packing radius, max over the dither parallelepiped and the
+    normals of n . z) for the lattice as generated. The Voronoi-relevant vectors of Z, A2, D4 and E8 are their
+    minimal vectors: lattice points among integer coordinates -2..2 of the generator, plus, for E8 (whose
+    roots need larger coordinates in this basis), the 240 roots (+-1, +-1, 0^6) and (+-1/2)^8 (even signs)."""
+    g = lat.generator
+    grid = np.array(np.meshgrid(*[np.arange(-2, 3)] * lat.dim, indexing="ij")).reshape(lat.dim, -1)
+    pts = g @ grid
+    if lat.dim == 8:
+        halves = np.array(np.meshgrid(*[[-0.5, 0.5]] * 8, indexing="ij")).reshape(8, -1)
+        halves = halves[:, np.sum(halves < 0, axis=0) % 2 == 0]
+        pairs = [np.eye(8)[i] * a + np.eye(8)[j] * b for i in range(8) for j in range(i + 1, 8)
+                 for a in (-1, 1) for b in (-1, 1)]
+        pts = np.concatenate([pts, halves, np.array(pairs).T], axis=1)
+        coords = np.linalg.solve(g, pts)
+        pts = pts[:, np.all(np.abs(coords - np.round(coords)) < 1e-9, axis=0)]  # keep lattice points only
+    norms = np.linalg.norm(pts, axis=0)
+    nz = norms > 1e-9
+    m = norms[nz].min()
+    minimal = np.unique(np.round(pts[:, nz & (norms < m * (1 + 1e-9))], 9), axis=1)
+    normals = minimal / m
+    signs = np.array(np.meshgrid(*[[-0.5, 0.5]] * lat.dim, indexing="ij")).reshape(lat.dim, -1)
+    zmax = float(np.max(normals.T @ (g @ signs)))
+    return normals, m / 2.0, zmax
+
+
+COVER_MARGIN_MAX = 1.25  # clip="cover" pays at most this factor for the dither's margin (else the ladder does)
+
+
+def cover_clip(lat: Lattice, bits: int) -> float:
+    """``clip="cover"``: a clip whose coarse cell holds the whole max-abs cube [-1, 1]^L, so the maxabs scale
+    does not overload. The cube fits the coarse cell when for every facet normal n, max_cube n . u <= 2**R *
+    packing radius (the asymptotic clip h V^(1/L) / (2 rho), h = max ||n||_1: Z 1, A2 1.27, D4 1.19, E8 2);
+    with the dither z and the fine cell added (n . z + covering radius), a margin factor 1 / (1 - (max n . z +
+    covering radius) / (2**R rho)) makes it certain. The margin is paid where it costs at most 1.25x (Z from 4
+    bits, A2 from 4, D4 from 5, E8 from 5): there no block overloads; below, the asymptotic clip is used and
+    the rare overloaded block walks the ladder, whose error is then of the order of the step anyway."""
+    normals, rho, zmax = _cell_geometry(lat)
+    h = float(np.max(np.sum(np.abs(normals), axis=0)))  # max over the cube's corners of n . u
+    base = h * lat.volume ** (1.0 / lat.dim) / (2.0 * rho)
+    frac = (zmax + lat.covering_radius) / (rho * 2.0**bits)
+    factor = 1.0 / (1.0 - frac) if frac < 1 else np.inf
+    return float(base * (factor if factor <= COVER_MARGIN_MAX else 1.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,14 +123,19 @@ class QuantizerSpec:
       clip: the codebook spans about [-clip, clip] per entry in units of s (default 1 for maxabs, 3 for rms).
       group_size: entries sharing one scale (rounded up to a multiple of L); None means one scale per leaf.
       ladder: shrink factors tried in order when a block overloads; must end with 0.0.
+      gain: decoder-side factor on the reconstruction (None: 1, the unbiased decoder); "wiener" is
+        1 / (1 + error_variance()), the MMSE gain for a group whose mean square is s**2 (scale="rms" only).
+    Clip rules: clip="cover" (no overload of the maxabs cube) and clip="fit" (rms, the Gaussian-fitted table)
+    are resolved to numbers here.
     """
 
     lattice: Lattice
     bits: int = 2
     scale: str = "maxabs"
-    clip: float | None = None
+    clip: float | str | None = None
     group_size: int | None = None
     ladder: tuple[float, ...] = (1.0, 0.75, 0.5, 0.0)
+    gain: float | str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "lattice", get_lattice(self.lattice))
@@ -58,8 +144,25 @@ class QuantizerSpec:
             raise ValueError(f"unknown scale mode {self.scale!r}: choose one of {SCALE_MODES}")
         if self.clip is None:
             object.__setattr__(self, "clip", 1.0 if self.scale == "maxabs" else 3.0)
-        if not float(self.clip) > 0:
+        elif isinstance(self.clip, str):
+            if self.clip not in CLIP_RULES:
+                raise ValueError(f"unknown clip rule {self.clip!r}: a positive number or one of {CLIP_RULES}")
+            if self.clip == "cover" and self.scale != "maxabs":
+                raise ValueError('clip="cover" covers the max-abs cube: it needs scale="maxabs"')
+            if self.clip == "fit" and self.scale != "rms":
+                raise ValueError('clip="fit" is fitted for Gaussian groups with scale="rms"')
+            rule = cover_clip if self.clip == "cover" else fitted_clip
+            object.__setattr__(self, "clip", float(rule(self.lattice, self.bits)))
+        if isinstance(self.clip, bool) or not float(self.clip) > 0 or not np.isfinite(float(self.clip)):
             raise ValueError(f"clip must be positive, got {self.clip!r}")
+        if self.gain is not None:
+            if isinstance(self.gain, str):
+                if self.gain not in GAIN_RULES:
+                    raise ValueError(f"unknown gain rule {self.gain!r}: a number in (0, 1] or one of {GAIN_RULES}")
+                if self.scale != "rms":
+                    raise ValueError('gain="wiener" assumes the group mean square s**2: it needs scale="rms"')
+            elif isinstance(self.gain, bool) or not 0.0 < float(self.gain) <= 1.0:
+                raise ValueError(f"gain must be in (0, 1], a rule in {GAIN_RULES}, or None; got {self.gain!r}")
         if self.group_size is not None and (int(self.group_size) < 1):
             raise ValueError(f"group_size must be a positive integer or None, got {self.group_size!r}")
         ladder = tuple(float(a) for a in self.ladder)
@@ -81,6 +184,15 @@ class QuantizerSpec:
         """Per-entry variance of the quantization error in units of s**2 (no overload): G V^(2/L) step^2."""
         lat = self.lattice
         return lat.second_moment * lat.volume ** (2.0 / lat.dim) * self.step**2
+
+    @property
+    def decode_gain(self) -> float | None:
+        """The decoder's factor on the reconstruction, or None (1: the unbiased decoder, no multiply)."""
+        if self.gain is None:
+            return None
+        if self.gain == "wiener":
+            return 1.0 / (1.0 + self.error_variance())
+        return None if float(self.gain) == 1.0 else float(self.gain)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,8 +403,13 @@ def quantize_segments(xs: list, key: Array, spec: QuantizerSpec, layout: Layout)
     for i, x in enumerate(xs):
         group, npad = layout.group_length(i), layout.padded_sizes[i]
         s = segment_scales(x, group, spec.scale)
-        inv = ((1.0 / spec.step) / jnp.where(s > 0, s, 1.0)).astype(x.dtype)
-        u = jnp.pad(x, (0, npad - x.shape[0])) * _per_entry(inv, group, npad)
+        # tiny groups: (1/step)/s would overflow, so x and s are both lifted by 2**64 first (exact); other groups
+        # keep the one multiply x * ((1/step)/s) and their bits
+        tiny = (s > 0) & (s < TINY_SCALE)
+        inv = ((1.0 / spec.step) / jnp.where(s > 0, jnp.where(tiny, s * TINY_LIFT, s), 1.0)).astype(x.dtype)
+        xp = jnp.pad(x, (0, npad - x.shape[0]))
+        lifted = jnp.where(_per_entry(tiny, group, npad), xp * jnp.asarray(TINY_LIFT, x.dtype), xp)
+        u = lifted * _per_entry(inv, group, npad)
         c, ov = encode_normalized(u, key, spec, layout.offsets[i])
         codes.append(c)
         scales.append(s)
@@ -302,11 +419,20 @@ def quantize_segments(xs: list, key: Array, spec: QuantizerSpec, layout: Layout)
 
 def dequantize_segments(codes: Array, scales: Array, key: Array, spec: QuantizerSpec, layout: Layout, dtype) -> list:
     """Decodes concatenated padded codes into one (sizes[i],) array per segment, in the compute dtype."""
-    out, base = [], 0
+    out, base, gain = [], 0, spec.decode_gain
     for i, (n, npad, off) in enumerate(zip(layout.sizes, layout.padded_sizes, layout.offsets)):
         ng = layout.groups_per_segment[i]
         u = decode_normalized(codes[off : off + npad], key, spec, dtype, off)
-        out.append((u * _per_entry(scales[base : base + ng].astype(dtype), layout.group_length(i), npad))[:n])
+        s = scales[base : base + ng].astype(dtype)
+        if gain is not None:
+            s = s * jnp.asarray(gain, dtype)
+        # tiny groups: XLA folds step * s (below float32's normal range) and flushes it to zero, so their
+        # product is formed with s lifted by 2**64 and brought back after; other groups keep u * s and its bits
+        tiny = (s > 0) & (s < TINY_SCALE)
+        glen = layout.group_length(i)
+        v = u * _per_entry(jnp.where(tiny, s * jnp.asarray(TINY_LIFT, dtype), s), glen, npad)
+        v = jnp.where(_per_entry(tiny, glen, npad), v * jnp.asarray(1.0 / TINY_LIFT, dtype), v)
+        out.append(v[:n])
         base += ng
     return out
 
