@@ -213,6 +213,55 @@ class History:
         # built on the host, moved to the device in one transfer
         return jax.device_put(Message(*self._masks(recs), self._payload(recs)))
 
+    def skip_rates(self) -> dict:
+        """What each filter layer left out, from the stored masks and flags (no decoding):
+
+        active: user-rounds that entered the compressor; stored: fraction of them with a payload row;
+        sparsified: fraction of the active ones user sparsification selected out; thresholded: fraction of the
+        active ones differential thresholding skipped (a flag only); reset: fraction coded as key frames
+        (threshold reset=True); zero_rows: fraction of the stored rows whose scales are all zero (rows a guarded
+        coder stored as zero, and rows of exactly zero updates)."""
+        out = {"active": 0, "stored": 0.0, "sparsified": 0.0, "thresholded": 0.0, "reset": 0.0, "zero_rows": 0.0}
+        if not self.records:
+            return out
+        m = self.masks()
+        active = int(np.sum(m.active))
+        stored = int(np.sum(m.present))
+        denom = max(active, 1)
+
+        def frac(layer: str, flag: str) -> float:
+            v = m.flags.get(layer, {}).get(flag)
+            return 0.0 if v is None else float(np.sum(v & m.active)) / denom
+
+        zero = 0  # lattice rows: the leaf named "scales" of the payload (other coders have none)
+        paths = jax.tree_util.tree_flatten_with_path(self.rows_like())[0]
+        for i in [i for i, (path, _) in enumerate(paths) if "scales" in jax.tree_util.keystr(path)]:
+            for r in self.records:
+                rows = r[f"row:{i}"]
+                zero += int(np.sum(np.all(rows.reshape(rows.shape[0], int(np.prod(rows.shape[1:]))) == 0, axis=1)))
+        sel = m.flags.get("sparsify", {}).get("selected")
+        out.update(
+            active=active,
+            stored=stored / denom,
+            sparsified=0.0 if sel is None else float(np.sum(m.active & ~sel)) / denom,
+            thresholded=frac("threshold", "skipped"),
+            reset=frac("threshold", "reset"),
+            zero_rows=zero / max(stored, 1),
+        )
+        return out
+
+    def rebuild_error(self, trained_params: PyTree) -> float:
+        """The history's own error: ||replay(history) - trained|| / ||trained||, replay with nobody removed
+        (what compression alone costs; float32 histories give ~1e-7)."""
+        from medu_jax.unlearn import replay  # here, not at the top: unlearn imports this module
+
+        rebuilt = replay(self)
+        a = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(rebuilt)])
+        b = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(trained_params)])
+        if a.shape != b.shape:
+            raise ValueError(f"trained_params has {b.size} parameters, the history's model {a.size}")
+        return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
     def summary(self) -> dict:
         """Sizes in bytes and the ratio to float32 history."""
         f32 = self.float32_nbytes
