@@ -13,7 +13,7 @@ LAYERS = [
     {"dither"},
     {"compressors"},
     {"history"},
-    {"store"},
+    {"store", "recording"},
     {"fedavg"},
     {"unlearn"},
     {"recovery"},

@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from medu_jax.compressors import Compressor, tree_where
 from medu_jax.dither import hash_bits
 from medu_jax.history import History, Selection, compressor_key
-from medu_jax.trees import relative_distance
+from medu_jax.recording import Recorder, rel_error
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
@@ -278,11 +278,6 @@ class TrainResult(NamedTuple):
     seconds: float
 
 
-def _rel_error(stats) -> jax.Array:
-    """A round's relative squared compression error: sum ||decoded - update||^2 / sum ||update||^2."""
-    return jnp.sum(stats.sq_error) / jnp.maximum(jnp.sum(stats.sq_norm), 1e-30)
-
-
 class RoundOutputs(NamedTuple):
     """What ``fed_rounds`` hands the host per round (leading axis: the block's rounds)."""
 
@@ -308,7 +303,7 @@ def fed_rounds(apply_fn, tx, cfg: FedConfig, params, data: ClientData, t0, exclu
         for comp, st in zip(compressors, sts):
             msg, st, _, _, stats = comp.encode(ups, st, compressor_key(cfg.seed, t), active)
             msgs.append(msg), new.append(st), over.append(stats.overload)
-            err.append(_rel_error(stats))
+            err.append(rel_error(stats))
         out = RoundOutputs(active, rejected, tuple(msgs), tuple(over), tuple(err), ups if with_updates else None)
         return (p, tuple(new)), out
 
@@ -332,28 +327,6 @@ def _block_size(rounds_per_call: int | None, histories: list[History], remaining
     msg_bytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for h in histories for a in jax.tree.leaves(h.rows_like()))
     cap = -(-remaining // 20) if progress else remaining
     return max(1, min(cap, budget_bytes // max(msg_bytes, 1)))
-
-
-def _select(sel: Selection, t: int, prev: PyTree, new: PyTree, ups: PyTree, active, last: PyTree | None):
-    """The users round t keeps under ``sel`` ((K,) bool), or None when the round is not kept."""
-    if t % sel.every:
-        return None
-    if sel.min_change > 0 and last is not None:
-        if relative_distance(prev, last) < sel.min_change:
-            return None
-    active = np.asarray(active, bool)
-    if sel.user_fraction >= 1.0 or not active.any():
-        return jnp.asarray(active)
-    k = active.shape[0]
-    flat = np.concatenate([np.asarray(u, np.float64).reshape(k, -1) for u in jax.tree.leaves(ups)], axis=1)
-    g = np.concatenate([np.ravel(np.asarray(a, np.float64) - np.asarray(b, np.float64))
-                        for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(prev))])
-    cos = flat @ g / (np.linalg.norm(flat, axis=1) * np.linalg.norm(g) + 1e-30)
-    n = max(1, int(np.ceil(sel.user_fraction * active.sum())))
-    keep = np.argsort(np.where(active, -cos, np.inf), kind="stable")[:n]
-    out = np.zeros(k, bool)
-    out[keep] = True
-    return jnp.asarray(out & active)
 
 
 def _open_stores(store: str, resume: bool, histories: dict, states: dict, params0: PyTree, cfg: FedConfig,
@@ -453,108 +426,96 @@ def train(
     by default as many as keep their stacked messages within 64 MB (with ``progress``, at most 1/20 of the run);
     a store or a host-side selection runs them one by one. Any block size gives the same bits.
     """
+    excl, scale = _client_masks(data, exclude, update_scale)
+    rec = Recorder(params0, data, cfg, dict(compressors or {}), dict(selections or {}))
+    storage = _Storage.open(store, resume, offload, rec, apply_fn, tx, params0, data, cfg, excl, scale)
+    try:  # a store's lock is held until the run ends, however it ends
+        params, t0 = storage.params, storage.t0
+        block = _block_size(rounds_per_call, rec.scanned_histories, max(cfg.rounds - t0, 1),
+                            rec.per_round or bool(storage.writers), progress)
+        bar = _progress_bar(progress, desc, cfg.rounds - t0)
+        start = time.perf_counter()
+        data = data if mesh is None else shard_clients(data, mesh)
+        for t in range(t0, cfg.rounds, block):
+            n, prev = min(block, cfg.rounds - t), params
+            params, states, out = fed_rounds(apply_fn, tx, cfg, params, data, t, jnp.asarray(excl),
+                                             jnp.asarray(scale), rec.scanned_states, rec.scanned_compressors, n, mesh,
+                                             rec.per_round)
+            for name, round_id, record in rec.record_block(t, n, states, out, storage.offloaded):
+                storage.write(name, round_id, record, params, rec.states[name])
+            rec.record_selected(t, prev, params, out)
+            bar.update(n)
+        bar.close()
+        rec.warn_if_idle(data, excl, t0, cfg.rounds)
+        storage.finish(rec.histories)
+        jax.block_until_ready(params)
+        return TrainResult(params, rec.histories, rec.log, time.perf_counter() - start)
+    finally:
+        storage.release()
+
+
+def _client_masks(data: ClientData, exclude: Iterable[int], update_scale) -> tuple[np.ndarray, np.ndarray]:
+    """(K,) bool of the clients left out of the run and (K,) float32 update multipliers, checked."""
     k = data.num_clients
     excl = np.isin(np.arange(k), check_user_ids(exclude, k, "exclude"))
     scale = np.ones((k,), np.float32) if update_scale is None else np.asarray(update_scale, np.float32)
     if scale.shape != (k,):
         raise ValueError(f"update_scale must have shape ({k},), got {scale.shape}")
-    like = jax.tree.map(lambda p: jnp.zeros((k, *jnp.shape(p)), jnp.result_type(p)), params0)
-    compressors = dict(compressors or {})
-    histories, states = {}, {}
-    for name, comp in compressors.items():
-        states[name] = comp.init(like)
-        histories[name] = History(
-            comp, states[name]["like"].value, cfg.seed, jax.device_get(params0), np.asarray(data.n, np.float32),
-            cfg.server_lr,
-        )
-    log = {"rejected": [], "overload": {n: [] for n in compressors}, "rel_error": {n: [] for n in compressors}}
-    params = params0
-    selections = dict(selections or {})
-    unknown = sorted(set(selections) - set(compressors))
-    if unknown:
-        raise ValueError(f"selections for unknown histories {unknown}; histories are {sorted(compressors)}")
-    for name, sel in selections.items():
-        histories[name].selection = sel
-    last_kept: dict = {name: None for name in compressors}
-    partial = [n for n, h in histories.items() if not h.selection.keeps_all]  # chosen on the host, round by round
-    scanned = tuple(n for n in compressors if n not in partial)  # encoded inside the compiled rounds
-    encoders = {n: jax.jit(compressors[n].encode) for n in partial}
-    writers, t0, lock = {}, 0, None
-    if offload and store is None:
-        raise ValueError("offload=True keeps the histories on disk only: it needs store=")
-    if store is not None:  # full histories go to disk; selective ones stay in memory (save_history after)
-        if resume and partial:
-            raise ValueError(f"resume=True needs full histories only; {partial} have a Selection")
-        full = {n: histories[n] for n in scanned}
+    return excl, scale
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(progress: bool, desc: str, total: int):
+    if not progress:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+class _Storage:
+    """The run's history stores: the folder's lock, one writer per full history, where training starts (after
+    what a resumed store holds), and the histories kept on disk only (``offload``)."""
+
+    def __init__(self, params, t0: int, writers: dict, lock, offload: bool):
+        self.params, self.t0, self.writers, self.lock = params, t0, writers, lock
+        self.offloaded = frozenset(writers) if offload else frozenset()
+
+    @classmethod
+    def open(cls, store, resume, offload, rec: Recorder, apply_fn, tx, params0, data, cfg, excl, scale):
+        if offload and store is None:
+            raise ValueError("offload=True keeps the histories on disk only: it needs store=")
+        if store is None:
+            return cls(params0, 0, {}, None, False)
+        if resume and rec.partial:
+            raise ValueError(f"resume=True needs full histories only; {rec.partial} have a Selection")
         from medu_jax.store import describe_run
 
         run = describe_run(apply_fn, tx, params0, data, cfg, excl, scale)
-        params, t0, writers, lock = _open_stores(store, resume, full, states, params0, cfg, offload, run)
-    try:  # a store's lock is held until the run ends, however it ends
-        entered = 0  # updates that entered the aggregate
-        block = _block_size(rounds_per_call, [histories[n] for n in scanned], max(cfg.rounds - t0, 1),
-                            bool(partial or writers), progress)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+        full = {n: rec.histories[n] for n in rec.scanned}  # selective histories stay in memory (save_history after)
+        return cls(*_open_stores(store, resume, full, rec.states, params0, cfg, offload, run), offload)
 
-            bar = tqdm(total=cfg.rounds - t0, desc=desc, leave=False)
-        start = time.perf_counter()
-        excl_j, scale_j = jnp.asarray(excl), jnp.asarray(scale)
-        if mesh is not None:
-            data = shard_clients(data, mesh)
-        for t in range(t0, cfg.rounds, block):
-            n = min(block, cfg.rounds - t)
-            prev = params
-            params, new_states, out = fed_rounds(
-                apply_fn, tx, cfg, params, data, t, excl_j, scale_j, tuple(states[m] for m in scanned),
-                tuple(compressors[m] for m in scanned), n, mesh, bool(partial))
-            states.update(zip(scanned, new_states))
-            host = jax.device_get(out._replace(updates=None))  # one transfer per block; the updates stay put
-            entered += int(np.sum(host.active))
-            for i in range(n):
-                log["rejected"].append(np.flatnonzero(host.rejected[i]).tolist())
-                for j, name in enumerate(scanned):
-                    record = histories[name].append(jax.tree.map(lambda a: a[i], host.messages[j]), t + i,
-                                                    keep=not (offload and name in writers))
-                    if name in writers:
-                        writers[name].append(t + i, record, params, states[name])
-                    log["overload"][name].append(int(host.overload[j][i]))
-                    log["rel_error"][name].append(float(host.rel_error[j][i]))
-            for name in partial:  # block == 1: select this round's users on the host, then encode them
-                ups, active = jax.tree.map(lambda a: a[0], out.updates), out.active[0]
-                sel = histories[name].selection
-                act = _select(sel, t, prev, params, ups, active, last_kept[name])
-                if act is None:
-                    continue
-                last_kept[name] = prev
-                msg, states[name], _, _, stats = encoders[name](ups, states[name], compressor_key(cfg.seed, t), act)
-                histories[name].append(msg, t, prev if sel.checkpoints else None,
-                                       active if sel.user_fraction < 1 else None)
-                log["overload"][name].append(int(stats.overload))
-                log["rel_error"][name].append(float(_rel_error(stats)))
-            if bar is not None:
-                bar.update(n)
-        if bar is not None:
-            bar.close()
-        if not entered and cfg.rounds > t0:
-            import warnings
+    def write(self, name: str, round_id: int, record: dict, params, state) -> None:
+        if name in self.writers:
+            self.writers[name].append(round_id, record, params, state)
 
-            has_data = np.any((np.asarray(data.n) > 0) & ~excl)
-            why = ("no client has data, or every client with data is excluded" if not has_data else
-                   "every update was rejected as non-finite" if any(log["rejected"]) else
-                   "no participating client had data")
-            warnings.warn(f"train: no update entered the aggregate in rounds {t0}..{cfg.rounds - 1} ({why}): "
-                          "the model did not change", RuntimeWarning, stacklevel=2)
-        for w in writers.values():  # every round is committed: mark the stores complete
+    def finish(self, histories: dict) -> None:
+        """Marks every store complete and points offloaded histories at their stores."""
+        for w in self.writers.values():
             w.finish()
-        if offload:
+        if self.offloaded:
             from medu_jax.store import StoredRecords
 
-            for name, w in writers.items():
-                histories[name].records = StoredRecords(w.path)
-        jax.block_until_ready(params)
-        return TrainResult(params, histories, log, time.perf_counter() - start)
-    finally:
-        if lock is not None:
-            lock.release()
+            for name in self.offloaded:
+                histories[name].records = StoredRecords(self.writers[name].path)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()

@@ -1,0 +1,132 @@
+"""Recording a run: the histories that consume each round's compressed messages, host-side selections
+(FedEraser's interval, Crab's informative rounds and users) and the run's log. ``fedavg.train`` composes the
+compiled rounds, a ``Recorder`` and the stores."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medu_jax.history import History, Selection, compressor_key
+from medu_jax.trees import relative_distance
+
+PyTree = Any
+
+
+def rel_error(stats) -> jax.Array:
+    """A round's relative squared compression error: sum ||decoded - update||^2 / sum ||update||^2."""
+    return jnp.sum(stats.sq_error) / jnp.maximum(jnp.sum(stats.sq_norm), 1e-30)
+
+
+
+def _select(sel: Selection, t: int, prev: PyTree, new: PyTree, ups: PyTree, active, last: PyTree | None):
+    """The users round t keeps under ``sel`` ((K,) bool), or None when the round is not kept."""
+    if t % sel.every:
+        return None
+    if sel.min_change > 0 and last is not None:
+        if relative_distance(prev, last) < sel.min_change:
+            return None
+    active = np.asarray(active, bool)
+    if sel.user_fraction >= 1.0 or not active.any():
+        return jnp.asarray(active)
+    k = active.shape[0]
+    flat = np.concatenate([np.asarray(u, np.float64).reshape(k, -1) for u in jax.tree.leaves(ups)], axis=1)
+    g = np.concatenate([np.ravel(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+                        for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(prev))])
+    cos = flat @ g / (np.linalg.norm(flat, axis=1) * np.linalg.norm(g) + 1e-30)
+    n = max(1, int(np.ceil(sel.user_fraction * active.sum())))
+    keep = np.argsort(np.where(active, -cos, np.inf), kind="stable")[:n]
+    out = np.zeros(k, bool)
+    out[keep] = True
+    return jnp.asarray(out & active)
+
+
+
+class Recorder:
+    """One History per compressor, the compressors' closed-loop states and the log of a run.
+
+    Full histories are encoded inside the compiled rounds (``scanned``); histories with a ``Selection`` are
+    chosen and encoded on the host after each round (``partial``: the rounds then run one per call).
+    """
+
+    def __init__(self, params0: PyTree, data, cfg, compressors: dict, selections: dict):
+        k = data.num_clients
+        unknown = sorted(set(selections) - set(compressors))
+        if unknown:
+            raise ValueError(f"selections for unknown histories {unknown}; histories are {sorted(compressors)}")
+        like = jax.tree.map(lambda p: jnp.zeros((k, *jnp.shape(p)), jnp.result_type(p)), params0)
+        self.compressors, self.seed = compressors, cfg.seed
+        self.states = {name: comp.init(like) for name, comp in compressors.items()}
+        self.histories = {
+            name: History(comp, self.states[name]["like"].value, cfg.seed, jax.device_get(params0),
+                          np.asarray(data.n, np.float32), cfg.server_lr)
+            for name, comp in compressors.items()}
+        for name, sel in selections.items():
+            self.histories[name].selection = sel
+        self.log = {"rejected": [], "overload": {n: [] for n in compressors}, "rel_error": {n: [] for n in compressors}}
+        self.partial = [n for n, h in self.histories.items() if not h.selection.keeps_all]
+        self.scanned = tuple(n for n in compressors if n not in self.partial)
+        self.per_round = bool(self.partial)  # a host-side choice after every round
+        self._encoders = {n: jax.jit(compressors[n].encode) for n in self.partial}
+        self._last_kept: dict = {name: None for name in compressors}
+        self.entered = 0  # updates that entered the aggregate
+
+    @property
+    def scanned_histories(self) -> list[History]:
+        return [self.histories[n] for n in self.scanned]
+
+    @property
+    def scanned_states(self) -> tuple:
+        return tuple(self.states[n] for n in self.scanned)
+
+    @property
+    def scanned_compressors(self) -> tuple:
+        return tuple(self.compressors[n] for n in self.scanned)
+
+    def record_block(self, t0: int, n: int, states: tuple, out, offloaded=frozenset()):
+        """Appends a block of ``n`` rounds (``fed_rounds``' outputs, one transfer to the host) to the full
+        histories and the log; yields (name, round, record) for the stores. ``offloaded`` histories keep no
+        record in memory."""
+        self.states.update(zip(self.scanned, states))
+        host = jax.device_get(out._replace(updates=None))  # the updates stay on the device
+        self.entered += int(np.sum(host.active))
+        for i in range(n):
+            self.log["rejected"].append(np.flatnonzero(host.rejected[i]).tolist())
+            for j, name in enumerate(self.scanned):
+                record = self.histories[name].append(jax.tree.map(lambda a: a[i], host.messages[j]), t0 + i,
+                                                     keep=name not in offloaded)
+                self.log["overload"][name].append(int(host.overload[j][i]))
+                self.log["rel_error"][name].append(float(host.rel_error[j][i]))
+                yield name, t0 + i, record
+
+    def record_selected(self, t: int, prev: PyTree, params: PyTree, out) -> None:
+        """Round ``t`` (a block of one) for the histories with a Selection: choose its users on the host, then
+        encode them."""
+        for name in self.partial:
+            ups, active = jax.tree.map(lambda a: a[0], out.updates), out.active[0]
+            hist = self.histories[name]
+            sel = hist.selection
+            act = _select(sel, t, prev, params, ups, active, self._last_kept[name])
+            if act is None:
+                continue
+            self._last_kept[name] = prev
+            msg, self.states[name], _, _, stats = self._encoders[name](ups, self.states[name],
+                                                                       compressor_key(self.seed, t), act)
+            hist.append(msg, t, prev if sel.checkpoints else None, active if sel.user_fraction < 1 else None)
+            self.log["overload"][name].append(int(stats.overload))
+            self.log["rel_error"][name].append(float(rel_error(stats)))
+
+    def warn_if_idle(self, data, excl: np.ndarray, t0: int, rounds: int) -> None:
+        """A run in which no update entered the aggregate did not train: say so, and why."""
+        if self.entered or rounds <= t0:
+            return
+        has_data = np.any((np.asarray(data.n) > 0) & ~excl)
+        why = ("no client has data, or every client with data is excluded" if not has_data else
+               "every update was rejected as non-finite" if any(self.log["rejected"]) else
+               "no participating client had data")
+        warnings.warn(f"train: no update entered the aggregate in rounds {t0}..{rounds - 1} ({why}): "
+                      "the model did not change", RuntimeWarning, stacklevel=3)
