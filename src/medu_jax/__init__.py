@@ -24,13 +24,13 @@ from medu_jax.lattices import A2, D4, E8, Z, Lattice, get_lattice
 from medu_jax.packing import pack_bits, unpack_bits
 from medu_jax.store import HistoryFileError, load_history, save_history
 from medu_jax.recovery import Recovery, adaptive_recovery, federaser, fedrecover, finetune_baseline, unlearn
-from medu_jax.unlearn import corrected_replay, finetune, replay
+from medu_jax.unlearn import corrected_replay, finetune, rebuild_error, replay
 
 __version__ = "0.1.0"
 
 __all__ = [
     "A2", "ClientData", "Recovery", "adaptive_recovery", "federaser", "fedrecover", "finetune_baseline", "recovery", "suite", "Compressor", "D4", "E8", "FedConfig", "History", "HistoryFileError", "Lattice", "Message", "QuantizerSpec",
     "Stats", "Z", "attacks", "baselines", "chain", "check_updates", "client_mesh", "compressor_key", "corrected_replay", "data", "dequantize",
-    "differential_threshold", "fed_round", "fed_rounds", "finetune", "get_lattice", "identity", "lattice_coding", "load_history", "medu",
+    "differential_threshold", "fed_round", "fed_rounds", "finetune", "get_lattice", "rebuild_error", "identity", "lattice_coding", "load_history", "medu",
     "metrics", "models", "pack_bits", "quantize", "replay", "rum", "s3t", "save_history", "shard_clients", "store", "train", "unlearn", "unpack_bits", "user_sparsification", "zoga",
 ]

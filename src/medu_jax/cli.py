@@ -178,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         f"\nfloat32 history would take {result['float32_bytes']:,} bytes; training took {result['train_seconds']:.1f} s"
         f"; lattice overloads: {result['overload']}; rejected non-finite updates: {result['rejected_updates']}"
     )
+    for name, h in result["histories"].items():
+        print(f"history {name}: rebuild error {100 * h['rebuild_error']:.2f}% (replay with nobody removed vs the "
+              f"trained model); rows stored {100 * h['stored']:.0f}%, sparsified {100 * h['sparsified']:.0f}%, "
+              f"thresholded {100 * h['thresholded']:.0f}%")
     if args.out:
         paths, code = _guarded(_write_outputs, result, args.out)
         if code:

@@ -23,7 +23,7 @@ from medu_jax import attacks, baselines as B, compressors as C, data as D, metri
 from medu_jax.fedavg import FedConfig, train
 from medu_jax.models import MLP
 from medu_jax.history import Selection
-from medu_jax.unlearn import corrected_replay, finetune, replay
+from medu_jax.unlearn import corrected_replay, finetune, rebuild_error, replay
 
 ATTACKS = ("backdoor", "label_flip", "scaled", "sign_flip", "none")
 UNLEARN_METHODS = ("fedrecover", "adaptive", "federaser", "naive", "corrected", "crab")
@@ -259,6 +259,8 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict[str, An
         "rows": rows,
         "overload": {n: int(sum(v)) for n, v in trained.log["overload"].items()},
         "rejected_updates": int(sum(len(r) for r in trained.log["rejected"])),
+        "histories": {m: {"rebuild_error": rebuild_error(histories[m], trained.params), **histories[m].skip_rates()}
+                      for m in cfg.methods},
     }
 
 

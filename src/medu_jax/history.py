@@ -250,18 +250,6 @@ class History:
         )
         return out
 
-    def rebuild_error(self, trained_params: PyTree) -> float:
-        """The history's own error: ||replay(history) - trained|| / ||trained||, replay with nobody removed
-        (what compression alone costs; float32 histories give ~1e-7)."""
-        from medu_jax.unlearn import replay  # here, not at the top: unlearn imports this module
-
-        rebuilt = replay(self)
-        a = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(rebuilt)])
-        b = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(trained_params)])
-        if a.shape != b.shape:
-            raise ValueError(f"trained_params has {b.size} parameters, the history's model {a.size}")
-        return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
     def summary(self) -> dict:
         """Sizes in bytes and the ratio to float32 history."""
         f32 = self.float32_nbytes

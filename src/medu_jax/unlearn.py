@@ -271,6 +271,17 @@ def replay(history: History, remove: Iterable[int] = (), chunk: int | None = Non
     return _finish(history.params0, acc, history.server_lr)
 
 
+def rebuild_error(history: History, trained_params: PyTree) -> float:
+    """The history's own error: ||replay(history) - trained|| / ||trained||, replay with nobody removed
+    (what compression alone costs; float32 histories give ~1e-7)."""
+    rebuilt = replay(history)
+    a = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(rebuilt)])
+    b = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(trained_params)])
+    if a.shape != b.shape:
+        raise ValueError(f"trained_params has {b.size} parameters, the history's model {a.size}")
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
 def corrected_state(history: History, memory: int) -> tuple:
     """Initial carry of the corrected step: original trajectory, ``memory`` L-BFGS pairs, previous round."""
     if int(memory) < 1:
