@@ -401,3 +401,16 @@ def test_partial_participation_draws_the_configured_count():
     cfg = mj.FedConfig(rounds=1, local_steps=1, batch_size=8, participation=0.5, seed=1)
     _, _, active, _ = fed_round(model.apply, tx, cfg, params0, clients, 0, jnp.zeros((K,), bool), jnp.ones((K,)))
     assert int(active.sum()) == 3
+
+
+def test_a_diverging_run_says_so():
+    ds, clients, model, params0, tx, cfg = setup()
+    scale = np.full(K, -5.0, np.float32)  # every update sign-flipped and scaled: gradient ascent
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        mj.train(model.apply, optax.sgd(2.0), params0, clients, mj.FedConfig(rounds=30, local_steps=3, batch_size=8),
+                 update_scale=scale)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # an ordinary run does not warn
+        mj.train(model.apply, tx, params0, clients, mj.FedConfig(rounds=2, local_steps=2, batch_size=8))

@@ -447,6 +447,7 @@ def train(
             bar.update(n)
         bar.close()
         rec.warn_if_idle(data, excl, t0, cfg.rounds)
+        rec.warn_if_diverged(params0, params)
         storage.finish(rec.histories)
         jax.block_until_ready(params)
         return TrainResult(params, rec.histories, rec.log, time.perf_counter() - start)

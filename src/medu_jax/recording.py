@@ -120,6 +120,18 @@ class Recorder:
             self.log["overload"][name].append(int(stats.overload))
             self.log["rel_error"][name].append(float(rel_error(stats)))
 
+    def warn_if_diverged(self, params0: PyTree, params: PyTree, growth: float = 1e4) -> None:
+        """A model whose norm grew more than ``growth``-fold over the run (or turned non-finite) has diverged
+        (e.g. sign-flipping attackers outweighing the honest clients): say so instead of returning it silently."""
+        def norm(tree):
+            return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree))))
+
+        n0, n1 = norm(params0), norm(params)
+        if not np.isfinite(n1) or n1 > growth * max(n0, 1e-30):
+            warnings.warn(f"train: the model diverged: its norm went from {n0:.3g} to {n1:.3g} (a growth above "
+                          f"{growth:g}x); check the learning rates and the clients' updates (update_scale)",
+                          RuntimeWarning, stacklevel=3)
+
     def warn_if_idle(self, data, excl: np.ndarray, t0: int, rounds: int) -> None:
         """A run in which no update entered the aggregate did not train: say so, and why."""
         if self.entered or rounds <= t0:
