@@ -187,11 +187,19 @@ def test_unlearn_default_needs_the_clients_and_names_them():
         mj.fedrecover(h, [4], model.apply, tx, clients, cfg, alpha=1.0)
 
 
-def test_a_non_finite_recovery_is_an_error_not_a_model():
+def test_a_non_finite_recovery_is_an_error_and_a_diverged_one_a_warning():
     ds, clients, model, params0, tx, cfg, run = setup()
     bad = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), params0)
     with pytest.raises(FloatingPointError, match="non-finite"):
         R._recovery(bad, 0, clients, cfg, [4])
+    huge = jax.tree.map(lambda x: x * 1e5, params0)
+    with pytest.warns(RuntimeWarning, match="recovery diverged"):
+        R._recovery(huge, 0, clients, cfg, [4], start=params0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        R._recovery(jax.tree.map(lambda x: x * 10, params0), 0, clients, cfg, [4], start=params0)
 
 
 def bfgs_reference(S, Y, v):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from typing import Any, Iterable, NamedTuple
 
 import jax
@@ -68,12 +69,22 @@ def retrain_steps(data: ClientData, cfg: FedConfig, remove: Iterable[int]) -> fl
     return float(cfg.rounds * cfg.local_steps * max(expected, 1e-12))
 
 
+def _norm(tree: PyTree) -> float:
+    return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree))))
+
+
 def _recovery(params, steps: int, data, cfg, remove, exact_rounds: int = 0, fixed: int = 0,
-              dropped: int = 0) -> Recovery:
+              dropped: int = 0, start: PyTree = None, growth: float = 1e4) -> Recovery:
+    """The Recovery of ``params``: an error if it is non-finite, a warning if its norm grew more than
+    ``growth``-fold over the model the method started from (``start``), e.g. a history whose trajectory diverged."""
     leaves = jax.tree.leaves(params)
     if not all(bool(jnp.all(jnp.isfinite(x))) for x in leaves):
         raise FloatingPointError("recovery produced a non-finite model (NaN/inf): the estimated updates diverged; "
                                  "use more exact rounds (smaller period) or a lower abnormality threshold")
+    if start is not None and _norm(params) > growth * max(_norm(start), 1e-30):
+        warnings.warn(f"recovery diverged: the model's norm grew from {_norm(start):.3g} to {_norm(params):.3g}; "
+                      "the history's trajectory may itself have diverged (see train's warning), and only "
+                      "retraining can help then", RuntimeWarning, stacklevel=3)
     return Recovery(params, int(steps), steps / retrain_steps(data, cfg, remove), int(exact_rounds), int(fixed),
                     int(dropped))
 
@@ -241,7 +252,7 @@ def _recover(history: History, remove, apply_fn, tx, data: ClientData, cfg: FedC
                 valid = valid & ~(abnormal & ~active)
             w_u = _unflat(_step(flat_u, est, valid & keep, weights, history.server_lr), w_u)
         w_o = _step(w_o, stored, stored_valid, weights, history.server_lr)  # the original trajectory
-    return _recovery(w_u, steps, data, cfg, remove, exact_rounds, fixed, dropped)
+    return _recovery(w_u, steps, data, cfg, remove, exact_rounds, fixed, dropped, start=history.params0)
 
 
 def fedrecover(history: History, remove: Iterable[int], apply_fn, tx, data: ClientData, cfg: FedConfig,
@@ -306,7 +317,7 @@ def calibrated_replay(history: History, remove, apply_fn, tx, data: ClientData, 
         raise ValueError(f"{method}: cal_steps and every must be >= 1, got {cal_steps}, {every}")
     cal_cfg = dataclasses.replace(cfg, local_steps=int(cal_steps))
     weights = jnp.asarray(history.weights, jnp.float32)
-    state, steps = _init_state(history), 0
+    state, steps, start_model = _init_state(history), 0, w
     for i, t, msg in _messages(history):
         stored, valid, state = _decode(history.compressor, msg, state, compressor_key(history.seed, t))
         if i < start or (i - start) % every:
@@ -317,7 +328,7 @@ def calibrated_replay(history: History, remove, apply_fn, tx, data: ClientData, 
         w, n = _calibrated_step(apply_fn, tx, cal_cfg, w, data, t, excl, ones, stored, valid, weights,
                                 history.server_lr)
         steps += int(n) * int(cal_steps)
-    return _recovery(w, steps, data, cfg, remove)
+    return _recovery(w, steps, data, cfg, remove, start=start_model)
 
 
 def federaser(history: History, remove: Iterable[int], apply_fn, tx, data: ClientData, cfg: FedConfig,
@@ -346,7 +357,7 @@ def finetune_baseline(params: PyTree, remove: Iterable[int], apply_fn, tx, data:
     out = fed_rounds(apply_fn, tx, cfg, params, data, cfg.rounds, excl, jnp.ones((k,), jnp.float32), (), (),
                      int(rounds))
     steps = int(np.sum(np.asarray(out[2].active))) * cfg.local_steps
-    return _recovery(out[0], steps, data, cfg, remove)
+    return _recovery(out[0], steps, data, cfg, remove, start=params)
 
 
 def _naive(history, remove, apply_fn, tx, data, cfg, **kw) -> Recovery:

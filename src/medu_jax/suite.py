@@ -388,8 +388,8 @@ def plot(results: list[dict], path: str) -> str:
             if x["method"] in ("retrain",):
                 continue
             label = x["method"] if x["method"].startswith(("finetune", "attacked")) else f"{x['method']}/{x['history']}"
-            if label.startswith("finetune"):
-                label = "finetune (equal cost)" if x.get("equal_cost") else f"finetune {100 * x['client_cost']:.0f}%"
+            if label.startswith("finetune") and x.get("equal_cost"):
+                label = "finetune (equal cost)"
             pts.setdefault(label, []).append((x["client_cost"], 100 * (x["accuracy"] - ref)))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, p in sorted(pts.items()):
@@ -401,6 +401,7 @@ def plot(results: list[dict], path: str) -> str:
     ax.axvline(100 * BAR["client_cost"], ls=":", c="r", lw=0.8)
     ax.set_xlabel("client cost (% of retraining's local steps)")
     ax.set_ylabel("clean accuracy - retraining's (points, mean over cells)")
+    ax.set_title("every method, mean over the suite's cells (NaN rows of diverged runs left out)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
