@@ -280,7 +280,7 @@ def test_cover_clip_removes_the_high_rate_overload_of_maxabs(name):
     # area cuts its corners): shrunk by 0.75, a 16-bit code then has a 25% error there. clip="cover" fits the cube.
     lat = QuantizerSpec(name).lattice
     n = 64 * lat.dim
-    x = np.asarray(jax.random.uniform(jax.random.key(0), (n,), minval=-1, maxval=1))
+    x = np.array(jax.random.uniform(jax.random.key(0), (n,), minval=-1, maxval=1))
     x.reshape(lat.dim, -1)[:, :8] = 0.999  # eight blocks at the corner (blocks are strided)
     x = jnp.asarray(x)
     q0, xh0 = roundtrip(x, jax.random.key(1), QuantizerSpec(name, 16))
