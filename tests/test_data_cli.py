@@ -167,3 +167,26 @@ def test_cli_bad_json(tmp_path, capsys):
     p.write_text("[1, 2]")
     with pytest.raises(SystemExit, match="JSON object"):
         cli.main(["run", "--config", str(p)])
+
+
+@pytest.mark.parametrize("key, value, want", [
+    ("rounds", "3", "'rounds' must be int, got '3'"), ("rounds", 2.5, "'rounds' must be int"),
+    ("lr", "0.1", "'lr' must be float"), ("alpha", "x", "'alpha' must be float or None"),
+    ("hidden", 64, "'hidden' must be tuple"), ("resume", 1, "'resume' must be bool"),
+    ("num_users", True, "'num_users' must be int, got True"),
+])
+def test_config_values_of_a_wrong_type_name_their_key(tmp_path, capsys, key, value, want):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({key: value}))
+    assert cli.main(["run", "--config", str(path), "--quiet"]) == 2
+    assert want in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_experiment", interrupted)
+    assert cli.main(["demo", "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().startswith("medu: interrupted") and "Traceback" not in err

@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {
             k: v for k, v in {
                 "rounds": args.rounds, "seed": args.seed, "dataset": args.dataset, "data_path": args.data_path,
-                "lattice": args.lattice, "bits": args.bits, "unlearn_methods": args.unlearn_methods,
+                "lattice": args.lattice, "bits": args.bits,
+                "unlearn_methods": args.unlearn_methods.split(",") if args.unlearn_methods else None,
                 "methods": args.methods.split(",") if args.methods else None, "store": args.store,
                 "resume": args.resume or None,
             }.items() if v is not None
@@ -195,12 +196,16 @@ USER_ERRORS = (ValueError, TypeError, OSError)  # OSError: files and folders (no
 
 
 def _guarded(run, *args):
-    """(result, exit code): a user error is printed as one line and gives exit code 2."""
+    """(result, exit code): a user error is printed as one line and gives exit code 2; Ctrl-C one line and
+    130 (the shell's code for SIGINT), not a traceback. A store being written stays resumable (--resume)."""
     try:
         return run(*args), 0
     except USER_ERRORS as e:
         print(f"medu: error: {e}", file=sys.stderr)
         return None, 2
+    except KeyboardInterrupt:
+        print("medu: interrupted (a history store being written can be continued with --resume)", file=sys.stderr)
+        return None, 130
 
 
 def _suite(args) -> int:

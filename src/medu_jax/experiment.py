@@ -30,6 +30,24 @@ UNLEARN_METHODS = ("fedrecover", "adaptive", "federaser", "naive", "corrected", 
 DATASETS = ("digits", "mnist1d", "mnist")
 
 
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "tuple": (list, tuple),
+          "None": (type(None),)}
+
+
+def check_types(cls, d: dict) -> None:
+    """Every value of ``d`` has its field's annotated type (a JSON config's "3" or 2.5 for an int, a list for a
+    string...): an error that names the key, instead of a failure deep inside the run."""
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        names = [t.strip() for t in str(f.type).split("|")]
+        allowed = tuple(t for n in names for t in _TYPES.get(n, (object,)))
+        v = d[f.name]
+        if not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed):
+            raise ValueError(f"config key {f.name!r} must be {' or '.join(names)}, got {v!r} "
+                             f"({type(v).__name__})")
+
+
 def check_dataset(dataset: str, data_path: str | None) -> None:
     """Validates a data set choice (shared by every experiment config)."""
     if dataset not in DATASETS:
@@ -108,6 +126,7 @@ class ExperimentConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; valid keys are {sorted(names)}")
+        check_types(cls, d)
         return cls(**d)
 
     def compressors(self) -> dict[str, C.Compressor]:
