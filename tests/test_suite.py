@@ -41,6 +41,9 @@ def test_quick_suite_through_the_cli(tmp_path, capsys):
     stamp = {n: os.path.getmtime(os.path.join(out, "cells", n)) for n in os.listdir(os.path.join(out, "cells"))}
     assert main(["suite", "--quick", "--out", out]) == 0
     assert stamp == {n: os.path.getmtime(os.path.join(out, "cells", n)) for n in stamp}
+    # a cell run with another config is not reused, nor summarized as this config's
+    other = S.SuiteConfig(**{**S.quick_config().__dict__, "rounds": 59})
+    assert S.load_cells(out, other) == [] and len(S.load_cells(out, cfg)) == len(cells)
 
 
 def test_suite_rejects_bad_settings(tmp_path, capsys):
@@ -53,6 +56,9 @@ def test_suite_rejects_bad_settings(tmp_path, capsys):
     assert main(["suite", "--quick", "--dataset", "mnist1d", "--out", str(tmp_path)]) == 2
     assert "not in this suite's data sets" in capsys.readouterr().err
     assert main(["suite", "--report-only", "--out", str(tmp_path / "none")]) == 2
+    os.makedirs(tmp_path / "empty" / "cells")
+    assert main(["suite", "--report-only", "--quick", "--out", str(tmp_path / "empty")]) == 2
+    assert "no cells of this suite's config" in capsys.readouterr().err
 
 
 def test_targeted_flip_relabels_only_the_source_class_of_the_malicious_users():

@@ -218,7 +218,10 @@ def _suite(args) -> int:
         if not args.report_only:
             only = (lambda c: c["dataset"] == args.dataset) if args.dataset else None
             suite.run_suite(cfg, args.out, only, progress=lambda m: print(m, flush=True))
-        return suite.write_report(suite.load_cells(args.out), args.out)
+        cells = suite.load_cells(args.out, cfg)
+        if not cells:
+            raise FileNotFoundError(f"no cells of this suite's config in {args.out!r} (run it without --report-only)")
+        return suite.write_report(cells, args.out)
 
     paths, code = _guarded(go)
     if code:

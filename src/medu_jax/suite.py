@@ -196,7 +196,8 @@ def run_cell(cell: dict, cfg: SuiteConfig) -> dict[str, Any]:
                 rec = runners[m](hist)
                 jax.block_until_ready(rec.params)
                 row = {"method": m, **info, **evaluate(rec.params), "client_cost": rec.client_cost,
-                       "exact_rounds": rec.exact_rounds, "fixed_updates": rec.fixed_updates}
+                       "exact_rounds": rec.exact_rounds, "fixed_updates": rec.fixed_updates,
+                       "dropped_estimates": rec.dropped_estimates}
             except FloatingPointError as e:  # a diverged method is a failing row, not a crash
                 row = {"method": m, **info, "accuracy": float("nan"), "attack_success": float("nan"),
                        "dist_to_retrain": float("nan"), "mia_auc": float("nan"), "client_cost": float("nan"),
@@ -213,13 +214,20 @@ def run_cell(cell: dict, cfg: SuiteConfig) -> dict[str, Any]:
         rows.append({"method": f"finetune {n} rounds", "history": "", **evaluate(rec.params),
                      "client_cost": rec.client_cost, "seconds": time.perf_counter() - t0,
                      "equal_cost": c == default["client_cost"]})
-    return {"cell": cell, "name": cell_name(cell), "malicious": bad, "rows": rows, "rebuild_error": rebuild,
+    return {"cell": cell, "name": cell_name(cell), "config": _config_json(cfg), "malicious": bad, "rows": rows,
+            "rebuild_error": rebuild,
             "float32_bytes": f32.float32_nbytes, "overload": {n: int(sum(v)) for n, v in trained.log["overload"].items()}}
+
+
+def _config_json(cfg: SuiteConfig) -> dict:
+    """The config as JSON would give it back (tuples as lists), to compare with a stored cell's."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
 def run_suite(cfg: SuiteConfig, out: str, only: Callable[[dict], bool] | None = None,
               progress: Callable[[str], None] = print) -> list[dict]:
-    """Runs every cell not yet in ``out/cells`` (written one JSON file per cell, so a rerun resumes)."""
+    """Runs every cell of ``cfg`` not yet in ``out/cells`` (one JSON file per cell, so a rerun resumes). A stored
+    cell is reused only if it was run with the same config; one from another config (e.g. ``--quick``) is rerun."""
     os.makedirs(os.path.join(out, "cells"), exist_ok=True)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
@@ -230,8 +238,10 @@ def run_suite(cfg: SuiteConfig, out: str, only: Callable[[dict], bool] | None = 
         path = os.path.join(out, "cells", cell_name(cell) + ".json")
         if os.path.exists(path):
             with open(path) as f:
-                results.append(json.load(f))
-            continue
+                stored = json.load(f)
+            if stored.get("config") == _config_json(cfg):
+                results.append(stored)
+                continue
         t0 = time.perf_counter()
         res = run_cell(cell, cfg)
         res["seconds"] = time.perf_counter() - t0
@@ -244,21 +254,20 @@ def run_suite(cfg: SuiteConfig, out: str, only: Callable[[dict], bool] | None = 
     return results
 
 
-def load_cells(out: str) -> list[dict]:
+def load_cells(out: str, cfg: SuiteConfig | None = None) -> list[dict]:
+    """The cells stored in ``out`` (with ``cfg``: only those run with that config)."""
     folder = os.path.join(out, "cells")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"no suite results in {out!r} (expected {folder})")
+    want = None if cfg is None else _config_json(cfg)
     cells = []
     for name in sorted(os.listdir(folder)):
         if name.endswith(".json"):
             with open(os.path.join(folder, name)) as f:
-                cells.append(json.load(f))
+                cell = json.load(f)
+            if want is None or cell.get("config") == want:
+                cells.append(cell)
     return cells
-
-
-def _mean(xs) -> float:
-    xs = [x for x in xs if x is not None]
-    return float(np.mean(xs)) if xs else float("nan")
 
 
 def _scenario(cell: dict) -> str:
