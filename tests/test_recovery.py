@@ -269,3 +269,12 @@ def test_abnormality_threshold_is_the_max_over_rounds():
         want = max(want, a[int(0.01 * a.size)])
     assert R.abnormality_threshold(h, 0.01) == pytest.approx(want, rel=1e-6)
     assert R.abnormality_threshold(h, 0.0) == np.inf
+
+
+def test_methods_that_need_every_round_refuse_a_selective_history():
+    ds, clients, model, params0, tx, cfg, run = setup()
+    sel = mj.train(model.apply, tx, params0, clients, mj.FedConfig(rounds=4, local_steps=2, batch_size=8),
+                   {"e2": mj.identity()}, selections={"e2": mj.history.Selection(every=2)}).histories["e2"]
+    for fn in (mj.fedrecover, mj.adaptive_recovery, mj.federaser):
+        with pytest.raises(ValueError, match="needs a full history"):
+            fn(sel, [4], model.apply, tx, clients, cfg)

@@ -183,6 +183,14 @@ def _messages(history: History):
         yield i, ids[i], jax.tree.map(lambda a: a[0], history.expand([i]))
 
 
+def _full(history: History, method: str) -> None:
+    """FedRecover's and FedEraser's bookkeeping (the original trajectory, the retention interval) needs every round
+    and every active user: a selective history (Crab's) would silently skip rounds."""
+    if not history.selection.keeps_all or history.round_ids != list(range(history.num_rounds)):
+        raise ValueError(f"{method} needs a full history (every round, every active user); this one was recorded "
+                         f"with {history.selection} (rounds {history.round_ids[:5]}...): use it with baselines.crab")
+
+
 def _check(history: History, remove, data: ClientData, cfg: FedConfig, method: str):
     remove = list(remove)
     if not remove:
@@ -206,6 +214,7 @@ class _Schedule:
 def _recover(history: History, remove, apply_fn, tx, data: ClientData, cfg: FedConfig, schedule: _Schedule,
              memory: int, alpha: float, method: str) -> Recovery:
     """The FedRecover loop over the history's rounds (see ``fedrecover``)."""
+    _full(history, method)
     remove, excl, ones = _check(history, remove, data, cfg, method)
     if int(memory) < 1:
         raise ValueError(f"memory (L-BFGS pairs) must be >= 1, got {memory}")
@@ -340,6 +349,7 @@ def federaser(history: History, remove: Iterable[int], apply_fn, tx, data: Clien
     round is applied as stored (w^0 carries no influence of the removed clients), as in the paper."""
     if not 0.0 < float(ratio) <= 1.0:
         raise ValueError(f"federaser: ratio must be in (0, 1], got {ratio!r}")
+    _full(history, "federaser")
     cal = max(1, math.ceil(float(ratio) * cfg.local_steps))
     w = jax.tree.map(jnp.asarray, history.params0)
     return calibrated_replay(history, remove, apply_fn, tx, data, cfg, cal, every, 0, w, True, "federaser")
