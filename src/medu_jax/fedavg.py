@@ -90,6 +90,11 @@ def check_user_ids(ids: Iterable[int], num_users: int, what: str = "remove") -> 
     return np.unique(np.asarray(ids, dtype=np.int64))
 
 
+def user_mask(ids: Iterable[int], num_users: int, what: str = "remove") -> np.ndarray:
+    """(num_users,) bool, True at the (validated, see ``check_user_ids``) user ids."""
+    return np.isin(np.arange(num_users), check_user_ids(ids, num_users, what))
+
+
 class ClientData(NamedTuple):
     """Per-client data padded to a common length: x (K, n_max, ...), y (K, n_max) int32, n (K,) int32."""
 
@@ -458,7 +463,7 @@ def train(
 def _client_masks(data: ClientData, exclude: Iterable[int], update_scale) -> tuple[np.ndarray, np.ndarray]:
     """(K,) bool of the clients left out of the run and (K,) float32 update multipliers, checked."""
     k = data.num_clients
-    excl = np.isin(np.arange(k), check_user_ids(exclude, k, "exclude"))
+    excl = user_mask(exclude, k, "exclude")
     scale = np.ones((k,), np.float32) if update_scale is None else np.asarray(update_scale, np.float32)
     if scale.shape != (k,):
         raise ValueError(f"update_scale must have shape ({k},), got {scale.shape}")

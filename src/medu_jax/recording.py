@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medu_jax.history import History, Selection, compressor_key
-from medu_jax.trees import relative_distance
+from medu_jax.trees import relative_distance, tree_norm
 
 PyTree = Any
 
@@ -123,10 +123,7 @@ class Recorder:
     def warn_if_diverged(self, params0: PyTree, params: PyTree, growth: float = 1e4) -> None:
         """A model whose norm grew more than ``growth``-fold over the run (or turned non-finite) has diverged
         (e.g. sign-flipping attackers outweighing the honest clients): say so instead of returning it silently."""
-        def norm(tree):
-            return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree))))
-
-        n0, n1 = norm(params0), norm(params)
+        n0, n1 = tree_norm(params0), tree_norm(params)
         if not np.isfinite(n1) or n1 > growth * max(n0, 1e-30):
             warnings.warn(f"train: the model diverged: its norm went from {n0:.3g} to {n1:.3g} (a growth above "
                           f"{growth:g}x); check the learning rates and the clients' updates (update_scale)",

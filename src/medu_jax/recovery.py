@@ -35,9 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from medu_jax.compressors import Compressor
-from medu_jax.fedavg import ClientData, FedConfig, check_user_ids, fed_round, fed_rounds, weighted_mean
+from medu_jax.fedavg import ClientData, FedConfig, check_user_ids, fed_round, fed_rounds, user_mask, weighted_mean
 from medu_jax.history import History, compressor_key
-from medu_jax.unlearn import _flat_users, lbfgs_hvp
+from medu_jax.trees import tree_norm
+from medu_jax.unlearn import _flat_users, _init_state, lbfgs_hvp
 
 PyTree = Any
 
@@ -63,14 +64,10 @@ def retrain_steps(data: ClientData, cfg: FedConfig, remove: Iterable[int]) -> fl
     """Local steps retraining without ``remove`` spends: rounds x local steps x the expected number of remaining
     clients with data in a round (all of them at participation 1)."""
     k = data.num_clients
-    keep = ~np.isin(np.arange(k), check_user_ids(remove, k))
+    keep = ~user_mask(remove, k)
     m = max(1, int(round(cfg.participation * k)))
     expected = min(m, k) * float(np.sum(keep & (np.asarray(data.n) > 0))) / k
     return float(cfg.rounds * cfg.local_steps * max(expected, 1e-12))
-
-
-def _norm(tree: PyTree) -> float:
-    return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree))))
 
 
 def _recovery(params, steps: int, data, cfg, remove, exact_rounds: int = 0, fixed: int = 0,
@@ -81,8 +78,9 @@ def _recovery(params, steps: int, data, cfg, remove, exact_rounds: int = 0, fixe
     if not all(bool(jnp.all(jnp.isfinite(x))) for x in leaves):
         raise FloatingPointError("recovery produced a non-finite model (NaN/inf): the estimated updates diverged; "
                                  "use more exact rounds (smaller period) or a lower abnormality threshold")
-    if start is not None and _norm(params) > growth * max(_norm(start), 1e-30):
-        warnings.warn(f"recovery diverged: the model's norm grew from {_norm(start):.3g} to {_norm(params):.3g}; "
+    if start is not None and tree_norm(params) > growth * max(tree_norm(start), 1e-30):
+        warnings.warn(f"recovery diverged: the model's norm grew from {tree_norm(start):.3g} to "
+                      f"{tree_norm(params):.3g}; "
                       "the history's trajectory may itself have diverged (see train's warning), and only "
                       "retraining can help then", RuntimeWarning, stacklevel=3)
     return Recovery(params, int(steps), steps / retrain_steps(data, cfg, remove), int(exact_rounds), int(fixed),
@@ -158,22 +156,13 @@ def abnormality_threshold(history: History, alpha: float) -> float:
         raise ValueError(f"alpha (tolerance rate) must be in [0, 1), got {alpha!r}")
     if alpha == 0:
         return math.inf
-    state, tau = _init_state(history), -math.inf
+    state, tau = _init_state(history.compressor, history.like), -math.inf
     for i, t, msg in _messages(history):
         stored, valid, state = _decode(history.compressor, msg, state, compressor_key(history.seed, t))
         n = int(jnp.sum(valid)) * stored.shape[1]
         if n:
             tau = max(tau, float(_round_tau(stored, valid, int(alpha * n))))
     return tau
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _init_state_jit(compressor: Compressor, like):
-    return compressor.init(like.zeros())
-
-
-def _init_state(history: History):
-    return _init_state_jit(history.compressor, history.like)
 
 
 def _messages(history: History):
@@ -198,7 +187,7 @@ def _check(history: History, remove, data: ClientData, cfg: FedConfig, method: s
     if data.num_clients != history.num_users:
         raise ValueError(f"{method}: the data has {data.num_clients} clients, the history {history.num_users}")
     k = history.num_users
-    excl = np.isin(np.arange(k), check_user_ids(remove, k))
+    excl = user_mask(remove, k)
     return remove, jnp.asarray(excl), jnp.ones((k,), jnp.float32)
 
 
@@ -224,7 +213,7 @@ def _recover(history: History, remove, apply_fn, tx, data: ClientData, cfg: FedC
     w_o = _flat(w_u)
     k, d = history.num_users, w_o.shape[0]
     S, Y, count = jnp.zeros((k, memory, d)), jnp.zeros((k, memory, d)), jnp.zeros((k,), jnp.int32)
-    state, steps, exact_rounds, fixed, dropped = _init_state(history), 0, 0, 0, 0
+    state, steps, exact_rounds, fixed, dropped = _init_state(history.compressor, history.like), 0, 0, 0, 0
     full = retrain_steps(data, cfg, remove)
     anchor = None  # w_u - w at the last exact round (the adaptive trigger's reference)
     for i, t, msg in _messages(history):
@@ -326,7 +315,7 @@ def calibrated_replay(history: History, remove, apply_fn, tx, data: ClientData, 
         raise ValueError(f"{method}: cal_steps and every must be >= 1, got {cal_steps}, {every}")
     cal_cfg = dataclasses.replace(cfg, local_steps=int(cal_steps))
     weights = jnp.asarray(history.weights, jnp.float32)
-    state, steps, start_model = _init_state(history), 0, w
+    state, steps, start_model = _init_state(history.compressor, history.like), 0, w
     for i, t, msg in _messages(history):
         stored, valid, state = _decode(history.compressor, msg, state, compressor_key(history.seed, t))
         if i < start or (i - start) % every:
@@ -361,7 +350,7 @@ def finetune_baseline(params: PyTree, remove: Iterable[int], apply_fn, tx, data:
     (no history). Round keys continue after training's (t = cfg.rounds, ...)."""
     remove = list(remove)
     k = data.num_clients
-    excl = jnp.asarray(np.isin(np.arange(k), check_user_ids(remove, k)))
+    excl = jnp.asarray(user_mask(remove, k))
     if int(rounds) < 1:
         return _recovery(params, 0, data, cfg, remove)
     out = fed_rounds(apply_fn, tx, cfg, params, data, cfg.rounds, excl, jnp.ones((k,), jnp.float32), (), (),

@@ -26,7 +26,7 @@ import optax
 from medu_jax import attacks, compressors as C, data as D, metrics, recovery as R
 from medu_jax.fedavg import ClientData, FedConfig, train
 from medu_jax.models import MLP
-from medu_jax.unlearn import replay
+from medu_jax.unlearn import rebuild_error, replay
 
 SUITE_ATTACKS = ("backdoor", "targeted_flip", "scaled", "sign_flip")
 METHODS = ("fedrecover", "adaptive", "federaser", "naive")
@@ -187,7 +187,7 @@ def run_cell(cell: dict, cfg: SuiteConfig) -> dict[str, Any]:
     }
     rebuild = {}
     for hname, hist in trained.histories.items():
-        rebuild[hname] = metrics.relative_distance(replay(hist), trained.params)
+        rebuild[hname] = rebuild_error(hist, trained.params)
         info = {"history": hname, "bytes": hist.nbytes, "ratio": f32.float32_nbytes / max(hist.nbytes, 1),
                 "rebuild_error": rebuild[hname]}
         for m in cfg.methods:

@@ -11,6 +11,11 @@ import numpy as np
 PyTree = Any
 
 
+def tree_norm(a: PyTree) -> float:
+    """||a|| over all leaves (float64 accumulation on the host)."""
+    return sum(float(np.sum(np.square(np.asarray(x, np.float64)))) for x in jax.tree.leaves(a)) ** 0.5
+
+
 def tree_distance(a: PyTree, b: PyTree) -> float:
     """||a - b|| over all leaves (float64 accumulation on the host)."""
     sq = sum(float(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2)) for x, y in
@@ -20,5 +25,4 @@ def tree_distance(a: PyTree, b: PyTree) -> float:
 
 def relative_distance(w: PyTree, w_ref: PyTree) -> float:
     """||w - w_ref|| / ||w_ref||."""
-    zero = jax.tree.map(np.zeros_like, w_ref)
-    return tree_distance(w, w_ref) / max(tree_distance(w_ref, zero), 1e-30)
+    return tree_distance(w, w_ref) / max(tree_norm(w_ref), 1e-30)

@@ -19,8 +19,9 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from medu_jax.compressors import Compressor, Message
-from medu_jax.fedavg import ClientData, FedConfig, check_user_ids, fed_rounds, weighted_mean
+from medu_jax.fedavg import ClientData, FedConfig, fed_rounds, user_mask, weighted_mean
 from medu_jax.history import History, compressor_key
+from medu_jax.trees import relative_distance
 
 PyTree = Any
 
@@ -131,7 +132,7 @@ def _setup(history: History, remove: Iterable[int], chunk: int | None) -> tuple[
     if history.num_rounds == 0:
         raise ValueError("the history holds no rounds to replay")
     k = history.num_users
-    keep = ~np.isin(np.arange(k), check_user_ids(remove, k))
+    keep = ~user_mask(remove, k)
     chunk = _default_chunk(history) if chunk is None else max(1, min(int(chunk), history.num_rounds))
     return keep, np.asarray(history.weights, np.float32), chunk
 
@@ -275,11 +276,10 @@ def rebuild_error(history: History, trained_params: PyTree) -> float:
     """The history's own error: ||replay(history) - trained|| / ||trained||, replay with nobody removed
     (what compression alone costs; float32 histories give ~1e-7)."""
     rebuilt = replay(history)
-    a = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(rebuilt)])
-    b = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(trained_params)])
-    if a.shape != b.shape:
-        raise ValueError(f"trained_params has {b.size} parameters, the history's model {a.size}")
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+    a, b = (sum(int(np.size(x)) for x in jax.tree.leaves(t)) for t in (rebuilt, trained_params))
+    if a != b:
+        raise ValueError(f"trained_params has {b} parameters, the history's model {a}")
+    return relative_distance(rebuilt, trained_params)
 
 
 def corrected_state(history: History, memory: int) -> tuple:
@@ -316,7 +316,7 @@ def finetune(apply_fn, tx, params: PyTree, data: ClientData, cfg: FedConfig, exc
     compiled ``lax.scan`` (``fed_rounds``).
     """
     k = data.num_clients
-    excl = jnp.asarray(np.isin(np.arange(k), check_user_ids(exclude, k, "exclude")))
+    excl = jnp.asarray(user_mask(exclude, k, "exclude"))
     ones = jnp.ones((k,), jnp.float32)
     t0 = cfg.rounds if start_round is None else int(start_round)
     if int(rounds) < 1:
