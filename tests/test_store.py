@@ -69,15 +69,13 @@ def test_killed_mid_save_reloads_to_last_complete_round_and_resumes_bit_identica
         f"""
         import os, signal
         from medu_jax import store as S
-        orig = S._write
-        count = {{"n": 0}}
-        def dying_write(group, name, a):
-            if "rounds/3" in str(group.path):   # halfway through saving round 3: SIGKILL, no cleanup
-                count["n"] += 1
-                if count["n"] == 2:
-                    os.kill(os.getpid(), signal.SIGKILL)
-            return orig(group, name, a)
-        S._write = dying_write
+        orig = S._pwrite
+        def dying_write(fd, data, offset, what):
+            if what == "commit 3":   # halfway through committing round 3: half the line, then SIGKILL
+                os.pwrite(fd, data[: len(data) // 2], offset)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return orig(fd, data, offset, what)
+        S._pwrite = dying_write
         mj.train(model.apply, tx, params0, clients, cfg, comps, store={str(crash)!r})
         """
     )
@@ -116,41 +114,78 @@ def saved(saved_once, tmp_path):
     return path, saved_once[1]
 
 
+def commit_lines(path):
+    with open(os.path.join(path, S.COMMITS_FILE), "rb") as f:
+        return f.read().split(b"\n")[:-1]
+
+
+def write_lines(path, lines):
+    with open(os.path.join(path, S.COMMITS_FILE), "wb") as f:
+        f.write(b"".join(line + b"\n" for line in lines))
+
+
+def place(path, t, key):
+    """[offset, length, crc32] of round t's array ``key`` in rounds.bin, from its commit."""
+    return json.loads(commit_lines(path)[t])["places"][f"rounds/{t}/{key}"]
+
+
+def flip(path, t, key):
+    """Flips a byte in the middle of round t's array ``key`` in rounds.bin."""
+    off, n, _ = place(path, t, key)
+    with open(os.path.join(path, S.ROUNDS_FILE), "r+b") as f:
+        f.seek(off + n // 2)
+        b = f.read(1)[0]
+        f.seek(off + n // 2)
+        f.write(bytes([b ^ 0xFF]))
+
+
 def test_flipped_bytes_name_the_corrupted_array(saved):
     path, ns = saved
-    chunk = os.path.join(path, "rounds", "1", "row:0", "c", "0", "0", "0")
-    if not os.path.exists(chunk):  # chunk key depth follows the array's rank
-        chunk = next(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(path, "rounds", "1", "row:0", "c"))
-                     for f in fs)
-    data = bytearray(open(chunk, "rb").read())
-    data[len(data) // 2] ^= 0xFF
-    open(chunk, "wb").write(bytes(data))
-    with pytest.raises(S.HistoryFileError, match=r"round 1: array 'rounds/1/row:0' is corrupted \(ValueError: Stored and computed checksum"):
+    flip(path, 1, "row:0")
+    with pytest.raises(S.HistoryFileError, match=r"round 1: array 'rounds/1/row:0' is corrupted \(its bytes on disk do not match"):
         S.load_history(path)
 
 
-def test_lost_chunk_is_caught_by_the_commit_checksum(saved):
+def test_a_truncated_data_file_names_the_array(saved):
     path, _ = saved
-    folder = os.path.join(path, "rounds", "2", "present", "c")
-    for d, _, fs in os.walk(folder):
-        for f in fs:
-            os.remove(os.path.join(d, f))  # zarr would silently read the fill value
-    with pytest.raises(S.HistoryFileError, match="does not match its committed checksum"):
+    off, n, _ = place(path, 2, "present")
+    os.truncate(os.path.join(path, S.ROUNDS_FILE), off + 1)
+    with pytest.raises(S.HistoryFileError, match=r"round 2: array 'rounds/2/present' is truncated \(1 of its "):
         S.load_history(path)
+    os.remove(os.path.join(path, S.ROUNDS_FILE))
+    with pytest.raises(S.HistoryFileError, match=r"round 0: 'rounds.bin', which holds array 'rounds/0/active', is missing"):
+        S.load_history(path)
+
+
+def test_a_damaged_state_slot_is_named(tmp_path):
+    ns = setup()
+    cfg = mj.FedConfig(rounds=3, local_steps=1, batch_size=8, seed=2)
+    run = mj.train(ns["model"].apply, ns["tx"], ns["params0"], ns["clients"], cfg, {"m": ns["comps"]["medu"]},
+                   store=str(tmp_path / "s"))
+    path = str(tmp_path / "s" / "m")
+    hist = S.load_history(path, ns["params0"])
+    params, _ = S.load_state(path, hist, 2)
+    assert same(params, run.params)
+    with pytest.raises(S.HistoryFileError, match="do not match their checksum"):  # slot 0 now holds round 2's
+        S.load_state(path, hist, 0)
+    with open(os.path.join(path, "state.0"), "r+b") as f:
+        f.write(b"\xff")
+    with pytest.raises(S.HistoryFileError, match=r"state after round 2: array 'state/0/params/0' is corrupted"):
+        S.load_state(path, hist, 2)
 
 
 def test_truncated_chunk_and_torn_commit(saved):
     path, _ = saved
     # in a store marked complete, a torn last commit is damage; in one cut short, it is the round in flight
-    last = os.path.join(path, "commits", "2", "zarr.json")
-    open(last, "w").write('{"attributes": {"rou')
+    lines = commit_lines(path)
+    with open(os.path.join(path, S.COMMITS_FILE), "wb") as f:
+        f.write(b"".join(line + b"\n" for line in lines[:2]) + lines[2][:40])
     with pytest.raises(S.HistoryFileError, match="commit of round 2 is corrupted"):
         S.load_history(path)
-    shutil.rmtree(os.path.join(path, "final"))
+    os.remove(os.path.join(path, S.FINAL_FILE))
     with pytest.warns(S.IncompleteHistoryWarning, match="holds 2 of 3 rounds"):
         assert S.load_history(path).num_rounds == 2
-    first = os.path.join(path, "commits", "0", "zarr.json")
-    open(first, "w").write("{")
+    write_lines(path, [b"{"] + lines[1:])
     with pytest.raises(S.HistoryFileError, match="commit of round 0 is corrupted"):
         S.load_history(path)
 
@@ -228,11 +263,7 @@ def test_offloaded_training_keeps_rounds_on_disk_and_replays_the_same_bits(tmp_p
 def test_a_lazy_history_finds_corruption_when_replay_reads_the_round(saved):
     path, _ = saved
     lazy = S.load_history(path, lazy=True)  # opening reads the commits only
-    chunk = next(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(path, "rounds", "1", "row:0", "c"))
-                 for f in fs)
-    data = bytearray(open(chunk, "rb").read())
-    data[len(data) // 2] ^= 0xFF
-    open(chunk, "wb").write(bytes(data))
+    flip(path, 1, "row:0")
     assert lazy.masks().present.shape[0] == 3  # the masks are intact and read without the rows
     with pytest.raises(S.HistoryFileError, match=r"round 1: array 'rounds/1/row:0' is corrupted"):
         mj.replay(lazy)
@@ -294,7 +325,7 @@ def test_a_lost_chunk_of_params0_or_weights_is_named(saved, what, match):
 
 def test_a_deleted_middle_commit_is_a_gap(saved):
     path, _ = saved
-    shutil.rmtree(os.path.join(path, "commits", "1"))
+    write_lines(path, [commit_lines(path)[i] for i in (0, 2)])
     with pytest.raises(S.HistoryFileError, match=r"commit of round 1 is missing, but rounds \[2\] are committed"):
         S.load_history(path)
 
@@ -302,10 +333,10 @@ def test_a_deleted_middle_commit_is_a_gap(saved):
 def test_a_deleted_last_commit_is_not_a_shorter_finished_run(saved):
     path, _ = saved
     assert S.store_info(path)[1:4] == (3, 3, True)
-    shutil.rmtree(os.path.join(path, "commits", "2"))
+    write_lines(path, commit_lines(path)[:2])
     with pytest.raises(S.HistoryFileError, match="marked complete with 3 rounds, but its commits hold 2"):
         S.load_history(path)
-    shutil.rmtree(os.path.join(path, "final"))  # and without the mark, the commits still say 3 rounds were planned
+    os.remove(os.path.join(path, S.FINAL_FILE))  # and without the mark, the commits still say 3 rounds were planned
     assert S.store_info(path)[1:4] == (2, 3, False)
     with pytest.warns(S.IncompleteHistoryWarning, match="cut short: it holds 2 of 3 rounds"):
         S.load_history(path)
@@ -313,30 +344,44 @@ def test_a_deleted_last_commit_is_not_a_shorter_finished_run(saved):
 
 def test_a_replaced_commit_or_a_forged_completion_mark_is_named(saved):
     path, _ = saved
-    final = os.path.join(path, "final", "zarr.json")
-    edit_json(final, lambda a: a.update(rounds=2))
+    final = os.path.join(path, S.FINAL_FILE)
+    with open(final) as f:
+        mark = json.load(f)
+    with open(final, "w") as f:
+        json.dump({**mark, "rounds": 2}, f)
     with pytest.raises(S.HistoryFileError, match=r"completion mark \('final'\) is corrupted"):
         S.load_history(path)
-
-    def forge(a):  # a commit rewritten with a valid checksum of its own, but not the one its successor follows
-        a["prev"] = 12345
-        a["crc"] = S._jcrc({k: v for k, v in a.items() if k != "crc"})
-
-    shutil.rmtree(os.path.join(path, "final"))
-    edit_json(os.path.join(path, "commits", "1", "zarr.json"), forge)
+    os.remove(final)
+    forge_commit(path, 1, lambda c: c.update(prev=12345))  # a valid checksum of its own, but not followed
     with pytest.raises(S.HistoryFileError, match="commit of round 1 does not follow the commit of round 0"):
         S.load_history(path)
 
 
+def forge_commit(path, t, fn):
+    """Rewrites commit t with fn applied and its own checksum recomputed (as a forger would)."""
+    lines = commit_lines(path)
+    c = json.loads(lines[t])
+    fn(c)
+    c["crc"] = S._jcrc({k: v for k, v in c.items() if k != "crc"})
+    lines[t] = S._canon(c).encode()
+    write_lines(path, lines)
+
+
 def test_shapes_on_disk_are_checked_before_anything_is_allocated(saved):
     path, _ = saved
-    # a chunk header claiming 30000 x 30000: refused from the metadata, before reading
-    edit_json(os.path.join(path, "rounds", "1", "row:0", "zarr.json"), lambda d: d.update(shape=[30000, 30000]),
-              attrs=False)
-    lazy = S.load_history(path, lazy=True)
-    with pytest.raises(S.HistoryFileError, match=r"round 1: array 'rounds/1/row:0' is \[30000, 30000\] .* on disk, "
+    # a zarr array header claiming 30000 x 30000: refused from the metadata, before reading
+    saved_meta = open(os.path.join(path, "params0", "1", "zarr.json")).read()
+    edit_json(os.path.join(path, "params0", "1", "zarr.json"), lambda d: d.update(shape=[30000, 30000]), attrs=False)
+    with pytest.raises(S.HistoryFileError, match=r"params0: array '1' is \[30000, 30000\] .* on disk, "
                                                  r"but was written as"):
-        lazy.records[1]["row:0"]
+        S.load_history(path)
+    open(os.path.join(path, "params0", "1", "zarr.json"), "w").write(saved_meta)
+    # the last commit of a store cut short claiming a 30000 x 30000 round (its own checksum recomputed)
+    os.remove(os.path.join(path, S.FINAL_FILE))
+    forge_commit(path, 2, lambda c: c["arrays"]["rounds/2/row:0"].__setitem__(1, [30000, 30000]))
+    with pytest.raises(S.HistoryFileError, match=r"commit of round 2 is impossible \(its arrays take \d+ bytes, "
+                                                 r"more than a round"):
+        S.load_history(path)
 
     def users(n):  # a store claiming n users, its checksums recomputed: still refused
         def forge(a):
@@ -356,9 +401,9 @@ def test_shapes_on_disk_are_checked_before_anything_is_allocated(saved):
 
 def test_a_pickle_codec_is_refused(saved):
     path, _ = saved
-    meta = os.path.join(path, "rounds", "1", "row:0", "zarr.json")
+    meta = os.path.join(path, "weights", "zarr.json")
     edit_json(meta, lambda d: d.update(codecs=[{"name": "numcodecs.pickle", "configuration": {}}]), attrs=False)
-    with pytest.raises(S.HistoryFileError, match=r"round 1: array 'rounds/1/row:0' is corrupted \(UnknownCodecError"):
+    with pytest.raises(S.HistoryFileError, match=r"array 'weights' is corrupted \(UnknownCodecError"):
         S.load_history(path)
 
 
@@ -389,20 +434,28 @@ def test_a_crash_at_any_write_of_creation_or_appending_resumes_bit_identically(r
     ns, args, ref = ref3
     from zarr.storage import LocalStore
 
-    orig, calls = LocalStore.set, {"n": 0, "at": None}
+    orig, orig_pwrite, calls = LocalStore.set, S._pwrite, {"n": 0, "at": None}
 
-    async def set_or_crash(self, key, value):  # every file the stores write goes through here
+    async def set_or_crash(self, key, value):  # every file zarr writes (the stores' creation) goes through here
         calls["n"] += 1
         if calls["n"] == calls["at"]:
             raise Crash(key)
         return await orig(self, key, value)
 
+    def pwrite_or_crash(fd, data, offset, what):  # and every byte appended or replaced after it: a torn write
+        calls["n"] += 1
+        if calls["n"] == calls["at"]:
+            orig_pwrite(fd, bytes(data)[: len(data) // 2], offset, what)
+            raise Crash(what)
+        return orig_pwrite(fd, data, offset, what)
+
     monkeypatch.setattr(LocalStore, "set", set_or_crash)
+    monkeypatch.setattr(S, "_pwrite", pwrite_or_crash)
     mj.train(*args, store=str(tmp_path / "count"))
     total = calls["n"]  # files written by a whole run (both stores' creation, 3 rounds, commits, marks)
     # inside the first store's creation, between the two stores, in the second's, at the first round, through the
     # rounds, the last commits and the completion marks
-    points = sorted({1, 2, 12, 20, 25, 40, total // 3, total // 2, 2 * total // 3, total - 2, total - 1, total})
+    points = sorted({1, 2, 12, 20, 25, 30, total // 3, total // 2, 2 * total // 3, total - 2, total - 1, total})
     for at in points:
         folder = str(tmp_path / f"crash{at}")
         calls.update(n=0, at=at)
@@ -424,20 +477,21 @@ def test_a_crash_at_any_write_of_creation_or_appending_resumes_bit_identically(r
 def test_a_full_disk_stops_the_run_with_a_clear_error_and_resume_continues(ref3, tmp_path, monkeypatch):
     ns, args, ref = ref3
     folder = str(tmp_path / "s")
-    orig = S._write
+    orig = S._pwrite
 
-    def full_disk(group, name, a):
-        if "rounds/1" in str(group.path):
+    def full_disk(fd, data, offset, what):
+        if what == "round 1":
             with pytest.raises(S.StoreBusyError, match="being written by another process"):
                 S.StoreLock(folder)  # the run holds the lock while it writes
+            orig(fd, bytes(data)[:3], offset, what)  # some bytes made it
             raise OSError(errno.ENOSPC, "No space left on device")
-        return orig(group, name, a)
+        return orig(fd, data, offset, what)
 
-    monkeypatch.setattr(S, "_write", full_disk)
+    monkeypatch.setattr(S, "_pwrite", full_disk)
     with pytest.raises(OSError, match=r"writing round 1 to the history store .* failed \(No space left on device\); "
                                       r"the store keeps its 1 committed rounds"):
         mj.train(*args, store=folder)
-    monkeypatch.setattr(S, "_write", orig)
+    monkeypatch.setattr(S, "_pwrite", orig)
     assert S.store_info(os.path.join(folder, "medu"))[1:4] == (1, 3, False)
     check_resumed(folder, ns, ref, mj.train(*args, store=folder, resume=True))
 
@@ -552,3 +606,62 @@ def test_cli_store_and_folder_errors_are_one_line_with_exit_code_2(argv, match, 
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and match in err and len(err.strip().splitlines()) == 1, err
+
+
+# ------------------------------------------------------------------ scale and durability (issue 16)
+
+
+def write_rounds(path, hist, rounds, **kw):
+    """Appends ``rounds`` rounds (hist's records in turn) with a training state after each, then marks them."""
+    w = S.HistoryWriter(path, hist, planned=rounds, **kw)
+    state = hist.compressor.init(hist.like.zeros())
+    for t in range(rounds):
+        w.append(t, hist.records[t % hist.num_rounds], hist.params0, state)
+    w.finish()
+    return w
+
+
+def files_under(path):
+    return sum(len(fs) for _, _, fs in os.walk(path))
+
+
+def test_the_number_of_files_does_not_grow_with_the_rounds(saved, tmp_path):
+    path, ns = saved
+    hist = S.load_history(path, ns["params0"])
+    counts = {n: files_under(write_rounds(str(tmp_path / f"r{n}"), hist, n).path) for n in (10, 50)}
+    assert counts[10] == counts[50] <= 20, counts
+    got = S.load_history(str(tmp_path / "r50"), ns["params0"], lazy=True)
+    assert len(got.records) == 50 and same(dict(got.records[49]), hist.records[49 % 3])
+
+
+def test_a_commit_is_fsynced_after_its_data(saved, tmp_path, monkeypatch):
+    path, ns = saved
+    hist = S.load_history(path, ns["params0"])
+    synced, orig = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        return orig(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    w = write_rounds(str(tmp_path / "a"), hist, 0)
+    synced.clear()
+    state = hist.compressor.init(hist.like.zeros())
+    w.append(0, hist.records[0], hist.params0, state)
+    # the state slot (before its rename) and the folder (the rename), the data, then the commit log
+    assert synced[0].startswith("state.0.tmp-") and synced[1:] == ["a", S.ROUNDS_FILE, S.COMMITS_FILE], synced
+    synced.clear()
+    w = write_rounds(str(tmp_path / "b"), hist, 3, fsync=False)
+    assert synced == [] and S.store_info(w.path)[1:4] == (3, 3, True)
+
+
+def test_a_store_of_the_old_format_is_refused_naming_the_version(saved):
+    path, _ = saved
+
+    def old(a):
+        a["version"] = 2
+        a["checks"]["version"] = S._jcrc(2)
+
+    edit_json(os.path.join(path, "zarr.json"), old)
+    with pytest.raises(S.HistoryFileError, match=r"has history format version 2, this is 3 \(written by an older"):
+        S.load_history(path)

@@ -1,33 +1,41 @@
-"""Durable history on disk: a zarr v3 group appended round by round, checksummed in one chain, never pickled.
+"""Durable history on disk: a store appended round by round, checksummed in one chain, never pickled.
 
-Why zarr: typed, chunked arrays in plain files (readable from any language), appendable one round at a time,
-with a crc32c codec that checksums every chunk; orbax-checkpoint is built for whole-checkpoint saves, not for
-an append-only log of small records. Layout of a store (one ``History``):
+Layout of a store (one ``History``; format version 3), the same few files whatever its number of rounds:
 
-  attrs             format, version, compressor config, update structure, seed, server_lr, the run's description
-                    (FedConfig, optimizer, data; see ``describe_run``), the crc32/shape/dtype of params0 and
-                    weights, and ``checks``: the crc32 of every other attribute
-  params0/<i>, weights   written once, at creation
-  rounds/<t>/<key>  round t's compact record (packed masks, flags, payload rows)
-  state/<t % 2>/... training state after round t (global params, compressor state), two slots
-  commits/<t>       written last: crc32, shape and dtype of every array of round t and of its state slot, the
-                    rounds the run was configured for, the checksum of the attributes and of commit t - 1
-                    (round 0: of the attributes), and its own checksum
-  final             written when the run has all its rounds: their number and the last commit's checksum
+  zarr.json         a zarr v3 group's attributes: format, version, compressor config, update structure, seed,
+                    server_lr, the run's description (FedConfig, optimizer, data; see ``describe_run``), the
+                    crc32/shape/dtype of params0 and weights, and ``checks``: the crc32 of every other attribute
+  params0/<i>, weights   zarr arrays, written once, at creation
+  rounds.bin        append-only: every round's compact record (packed masks, flags, payload rows), each array one
+                    zstd frame, round after round
+  state.0, state.1  the training state after the last two rounds (global params, compressor state; raw bytes),
+                    slot t % 2 after round t, each replaced whole (written to a temporary name, then renamed)
+  commits.jsonl     append-only, one JSON line per round, written last: crc32, shape, dtype and place (offset,
+                    length, crc32 of the bytes on disk) of every array of round t and of its state slot, the end
+                    of its data, the rounds the run was configured for, the checksum of the attributes and of
+                    commit t - 1 (round 0: of the attributes), and its own checksum
+  final.json        written when the run has all its rounds: their number and the last commit's checksum
 
-Every byte that changes a result is covered by one chain: the attributes by ``checks``, params0 and weights by
-the attributes, each round and state slot by its commit, each commit by the next one and the last by ``final``.
-A changed attribute, a lost chunk, a missing or replaced commit (also the last one of a finished run) is a
-``HistoryFileError`` that names it. A crash loses at most the round in flight: its commit is not written (or
-is torn) and the store is *cut short* (``store_info``), which ``train(..., resume=True)`` continues. A store is
-built under a temporary name and renamed into place, so it is either absent or whole; ``StoreLock`` (an OS
-file lock, ``fcntl.flock``) keeps a second writer out while a run trains. Shapes read from disk are checked
-against the commits and the attributes, and the attributes against sane bounds, before anything is allocated.
+Why this layout: typed arrays and JSON in plain files, readable from any language (zstd frames at offsets a
+JSON line gives); appending a round writes two files and replaces one, so a 10,000-round store has no more
+files than a 3-round one (format 2 had a folder of zarr arrays per round: ~16 files a round). Every byte that
+changes a result is covered by one chain: the attributes by ``checks``, params0 and weights by the attributes,
+each round and state slot by its commit, each commit by the next one and the last by ``final.json``. A changed
+attribute, a lost or changed byte, a missing or replaced commit (also the last one of a finished run) is a
+``HistoryFileError`` that names it. A crash loses at most the round in flight: its commit line is not written
+(or is torn) and the store is *cut short* (``store_info``), which ``train(..., resume=True)`` continues (it
+cuts the log and the data file after the last commit). ``HistoryWriter(fsync=True)``, the default, fsyncs a
+round's data, its state slot and then its commit before ``append`` returns, so a power loss keeps every
+committed round too. A store is built under a temporary name and renamed into place, so it is either absent or
+whole; ``StoreLock`` (an OS file lock, ``fcntl.flock``) keeps a second writer out while a run trains. Shapes
+read from disk are checked against the commits and the attributes, and the attributes against sane bounds,
+before anything is allocated.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -53,7 +61,8 @@ except ImportError:  # pragma: no cover - not POSIX: no OS lock
 PyTree = Any
 
 FORMAT = "medu_jax.history"
-VERSION = 2
+VERSION = 3
+ROUNDS_FILE, COMMITS_FILE, FINAL_FILE, STATE_FILE = "rounds.bin", "commits.jsonl", "final.json", "state.{}"
 LOCK_NAME = ".medu.lock"  # in the folder given to train(store=...)
 MAX_USERS = 2**31 - 1
 MAX_ENTRIES = 2**40  # entries of any one array read from a store
@@ -75,6 +84,14 @@ def _codecs():
     from zarr.codecs import Crc32cCodec, ZstdCodec
 
     return [ZstdCodec(level=1), Crc32cCodec()]
+
+
+@functools.cache
+def _zstd():
+    """The codec of a round's arrays in rounds.bin (zstd level 1, as format 2's zarr arrays had)."""
+    from numcodecs import Zstd
+
+    return Zstd(level=1)
 
 
 def _crc(a: np.ndarray) -> int:
@@ -306,19 +323,70 @@ def _commit(fields: dict) -> dict:
     return c
 
 
+def _pwrite(fd: int, data: bytes, offset: int, what: str) -> None:
+    """Writes all of ``data`` at ``offset`` of an open file. Every byte a store appends or replaces after its
+    creation goes through here (``what`` names it, e.g. "round 3", "commit 3", "state 1"), so tests can stop a
+    run at any write, or fail one (a full disk)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _fsync_dir(folder: str) -> None:
+    """Makes a folder's entries (a file created or renamed in it) durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace(path: str, data: bytes, what: str, sync: bool) -> None:
+    """Replaces a file's content atomically: written to a temporary name (fsynced), then renamed over it."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _pwrite(fd, data, 0, what)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    if sync:
+        _fsync_dir(os.path.dirname(path))
+
+
+def _sync_tree(folder: str) -> None:
+    """fsyncs every file and folder under ``folder`` (a new store, before it is renamed into place)."""
+    for d, _, files in os.walk(folder):
+        for f in files:
+            fd = os.open(os.path.join(d, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(d)
+
+
 class HistoryWriter:
     """Appends a History's rounds (and the training state after each) to a store on disk.
 
     ``run`` is the run's description (``describe_run``), ``planned`` the rounds it is configured for (recorded
     in every commit; default: unknown until ``finish``). The store is built under a temporary name beside
-    ``path`` and renamed into place, so a crash during creation leaves no half-made store."""
+    ``path`` and renamed into place, so a crash during creation leaves no half-made store. A round is appended
+    to ``rounds.bin`` and committed by a line of ``commits.jsonl``, so the store has the same few files
+    whatever its number of rounds. ``fsync`` (default): ``append`` returns only when the round and its commit
+    are on the disk (the data, the state slot and its folder entry, then the commit are fsynced, in that order),
+    so a power loss too keeps every committed round; ``fsync=False`` leaves that to the OS (a process crash
+    still loses nothing committed, a power loss may lose the last rounds, which the checksums then catch)."""
 
     def __init__(self, path: str, history: History, overwrite: bool = False, run: dict | None = None,
-                 planned: int | None = None):
+                 planned: int | None = None, fsync: bool = True):
         import zarr
 
         path = os.path.normpath(path)
-        self.path, self.planned, self.rounds = path, planned, 0
+        self.path, self.planned, self.fsync = path, planned, fsync
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"{path!r} exists: pass overwrite=True, or resume from it")
         parent, base = os.path.split(os.path.abspath(path))
@@ -337,8 +405,10 @@ class HistoryWriter:
         for i, a in enumerate(p0):
             _write(g, str(i), a)
         _write(root, "weights", weights)
-        for name in ("rounds", "state", "commits"):
-            root.create_group(name)
+        for name in (ROUNDS_FILE, COMMITS_FILE):
+            open(os.path.join(tmp, name), "wb").close()
+        if fsync:
+            _sync_tree(tmp)
         if os.path.exists(path):  # overwrite: the old store is moved aside, then removed
             old = os.path.join(parent, f".{base}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             os.rename(path, old)
@@ -346,71 +416,116 @@ class HistoryWriter:
             shutil.rmtree(old)
         else:
             os.rename(tmp, path)
-        self.root = zarr.open_group(path, mode="r+")
+        if fsync:
+            _fsync_dir(parent)
         self._attrs_crc = self._prev = _jcrc(attrs)
+        self.rounds = self._end = self._log_end = 0
 
     @classmethod
-    def reopen(cls, path: str) -> "HistoryWriter":
-        """A writer that appends to an existing store after its committed rounds (``load_history`` checks it)."""
-        import zarr
-
+    def reopen(cls, path: str, fsync: bool = True) -> "HistoryWriter":
+        """A writer that appends to an existing store after its committed rounds (``load_history`` checks it).
+        What lies past the last commit (a round in flight when a writer stopped) is cut off."""
         _, attrs, acrc = _open(path)
         self = cls.__new__(cls)
-        self.path, self.root = path, zarr.open_group(path, mode="r+")
-        commits, final = _commits(self.root, path, acrc)
-        self._attrs_crc, self.rounds = acrc, len(commits)
-        self._prev = commits[-1]["crc"] if commits else acrc
-        self.planned = final["rounds"] if final else (commits[-1].get("of") if commits else None)
+        self.path, self.fsync, self._attrs_crc = path, fsync, acrc
+        chain = _chain(path, acrc, _record_bound(attrs))
+        self.planned = chain.final["rounds"] if chain.final else (chain.commits[-1].get("of") if chain.commits
+                                                                     else None)
+        self._set(chain, len(chain.commits))
         return self
+
+    def _set(self, chain: "_Chain", n: int) -> None:
+        """Keeps rounds < n of ``chain``: the log and the data file are cut after round n - 1's bytes."""
+        self.rounds = n
+        self._prev = chain.commits[n - 1]["crc"] if n else self._attrs_crc
+        self._end = chain.commits[n - 1]["end"] if n else 0
+        self._log_end = chain.ends[n - 1] if n else 0
+        for name, size in ((COMMITS_FILE, self._log_end), (ROUNDS_FILE, self._end)):  # the log first
+            fd = os.open(os.path.join(self.path, name), os.O_RDWR)
+            try:
+                if os.fstat(fd).st_size != size:
+                    os.ftruncate(fd, size)
+                    if self.fsync:
+                        os.fsync(fd)
+            finally:
+                os.close(fd)
+        for entry in os.listdir(self.path):  # state slots a crash left half-written
+            if ".tmp-" in entry:
+                os.remove(os.path.join(self.path, entry))
 
     def append(self, t: int, record: dict, params: PyTree | None = None, compressor_state: dict | None = None):
         """Writes round t's record and state slot, then commits the round (the commit is written last)."""
         if t != self.rounds:
             raise ValueError(f"{self.path!r}: round {t} appended after {self.rounds} committed rounds")
+        arrays, places, blobs, end = {}, {}, [], self._end
+        for k in sorted(record):  # each array one zstd frame, the round's frames one after the other
+            a = np.ascontiguousarray(record[k])
+            blob = _zstd().encode(a) if a.size else b""
+            name = f"rounds/{t}/{k}"
+            arrays[name], places[name] = _spec(a), [end, len(blob), zlib.crc32(blob) & 0xFFFFFFFF]
+            blobs.append(blob)
+            end += len(blob)
+        slot = []
+        if params is not None:  # the state slot: raw bytes, leaf after leaf
+            at = 0
+            for sub, tree in (("params", params), ("compressor", compressor_state["filters"])):
+                for i, leaf in enumerate(jax.tree.leaves(tree)):
+                    a = np.ascontiguousarray(np.asarray(leaf))
+                    name = f"state/{t % 2}/{sub}/{i}"
+                    arrays[name] = _spec(a)
+                    places[name] = [at, a.nbytes, arrays[name][0]]
+                    slot.append(a.tobytes())
+                    at += a.nbytes
+        c = _commit({"round": t, "of": self.planned, "keys": sorted(record), "arrays": arrays, "places": places,
+                     "end": end, "attrs": self._attrs_crc, "prev": self._prev})
+        line = (_canon(c) + "\n").encode()
         try:
-            rnd = self.root.require_group(f"rounds/{t}")
-            arrays = {f"rounds/{t}/{k}": _write(rnd, k, v) for k, v in record.items()}
-            if params is not None:
-                slot = self.root.require_group(f"state/{t % 2}")
-                for sub, tree in (("params", params), ("compressor", compressor_state["filters"])):
-                    g = slot.require_group(sub)
-                    for i, leaf in enumerate(jax.tree.leaves(tree)):
-                        arrays[f"state/{t % 2}/{sub}/{i}"] = _write(g, str(i), np.asarray(leaf))
-            c = _commit({"round": t, "of": self.planned, "keys": sorted(record), "arrays": arrays,
-                         "attrs": self._attrs_crc, "prev": self._prev})
-            self.root.create_group(f"commits/{t}", attributes=c)
+            fd = os.open(os.path.join(self.path, ROUNDS_FILE), os.O_WRONLY)
+            try:
+                _pwrite(fd, b"".join(blobs), self._end, f"round {t}")
+                if params is not None:
+                    _replace(os.path.join(self.path, STATE_FILE.format(t % 2)), b"".join(slot), f"state {t % 2}",
+                             self.fsync)
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            fd = os.open(os.path.join(self.path, COMMITS_FILE), os.O_WRONLY)
+            try:
+                _pwrite(fd, line, self._log_end, f"commit {t}")
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
         except OSError as e:
             msg = (f"writing round {t} to the history store {self.path!r} failed ({e.strerror or e}); the store "
                    f"keeps its {t} committed rounds: free space and resume")
             raise OSError(e.errno, msg) from e
-        self._prev, self.rounds = c["crc"], t + 1
+        self._prev, self.rounds, self._end, self._log_end = c["crc"], t + 1, end, self._log_end + len(line)
 
     def finish(self):
         """Marks the store complete: it holds every round of its run (the number and the last commit's checksum)."""
         mark = _commit({"rounds": self.rounds, "last": self._prev})
-        if _read_attrs(self.root, "final") != mark:  # a finished store resumed with nothing to add keeps its mark
-            self.root.create_group("final", overwrite=True, attributes=mark)
+        if _read_final(self.path) != mark:  # a finished store resumed with nothing to add keeps its mark
+            _replace(os.path.join(self.path, FINAL_FILE), _canon(mark).encode(), "final", self.fsync)
 
     def unfinish(self):
         """Removes the completion mark (before a resume appends more rounds)."""
-        shutil.rmtree(os.path.join(self.path, "final"), ignore_errors=True)
+        try:
+            os.remove(os.path.join(self.path, FINAL_FILE))
+        except FileNotFoundError:
+            return
+        if self.fsync:
+            _fsync_dir(self.path)
 
     def truncate(self, num_rounds: int):
         """Drops rounds >= num_rounds (an uncommitted round in flight, before a resume rewrites it): the completion
-        mark first, then the commits from the last one down (so a crash here leaves a shorter valid chain)."""
-        for name in ("final", "commits", "rounds"):
-            folder = os.path.join(self.path, name)
-            if name == "final":
-                if os.path.isdir(folder) and self.rounds > num_rounds:
-                    self.unfinish()
-                continue
-            entries = [int(e) for e in os.listdir(folder) if e.isdigit()] if os.path.isdir(folder) else []
-            for t in sorted((t for t in entries if t >= num_rounds), reverse=True):
-                shutil.rmtree(os.path.join(folder, str(t)))
-        if num_rounds < self.rounds:
-            commits, _ = _commits(self.root, self.path, self._attrs_crc)
-            self._prev = commits[-1]["crc"] if commits else self._attrs_crc
-            self.rounds = len(commits)
+        mark first, then the commits (one cut of the log, so a crash here leaves a valid chain), then their data."""
+        _, attrs, _ = _open(self.path)
+        chain = _chain(self.path, self._attrs_crc, _record_bound(attrs))
+        if chain.final is not None and len(chain.commits) > num_rounds:
+            self.unfinish()
+        self._set(chain, min(num_rounds, len(chain.commits)))
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -458,7 +573,11 @@ def _open(path: str):
     if attrs.get("format") != FORMAT:
         raise HistoryFileError(f"{path!r} is not a medu_jax history (format {attrs.get('format')!r})")
     if attrs.get("version") != VERSION:
-        raise HistoryFileError(f"{path!r} has history format version {attrs.get('version')}, this is {VERSION}")
+        old = isinstance(attrs.get("version"), int) and attrs["version"] < VERSION
+        raise HistoryFileError(
+            f"{path!r} has history format version {attrs.get('version')!r}, this is {VERSION}" + (
+                " (written by an older medu_jax, which kept a folder of arrays per round; read it with that "
+                "version, or train again)" if old else ""))
     _check_attrs(path, attrs)
     return root, attrs, _jcrc(attrs)
 
@@ -470,13 +589,18 @@ def _record_bound(attrs: dict) -> int:
     return 64 * k * max(p, 1) + (1 << 24)
 
 
+def _stored_bound(nbytes: int) -> int:
+    """The most bytes a zstd frame of ``nbytes`` bytes can take (zstd's worst case, with room to spare)."""
+    return nbytes + nbytes // 128 + 1024
+
+
 def _valid_commit(c: dict, t: int, bound: int) -> str | None:
     """Why commit t's content is impossible, or None."""
     if c.get("round") != t:
         return f"it names round {c.get('round')!r}"
-    keys, arrays = c.get("keys"), c.get("arrays")
-    if not isinstance(keys, list) or not isinstance(arrays, dict):
-        return "no keys or arrays"
+    keys, arrays, places = c.get("keys"), c.get("arrays"), c.get("places")
+    if not isinstance(keys, list) or not isinstance(arrays, dict) or not isinstance(places, dict):
+        return "no keys, arrays or places"
     if any(f"rounds/{t}/{k}" not in arrays for k in keys):
         return "an array of the record is not listed"
     if not all(_is_spec(s) for s in arrays.values()):
@@ -487,40 +611,79 @@ def _valid_commit(c: dict, t: int, bound: int) -> str | None:
         return str(e)
     if total > bound:
         return f"its arrays take {total} bytes, more than a round of this history can ({bound})"
+    for name, spec in arrays.items():
+        p = places.get(name)
+        if not (isinstance(p, list) and len(p) == 3 and all(isinstance(x, int) and x >= 0 for x in p)):
+            return f"array {name!r} has no valid place on disk"
+        if p[1] > _stored_bound(_nbytes(spec)):
+            return f"array {name!r} takes {p[1]} bytes on disk, more than {_nbytes(spec)} bytes can"
+    ends = [places[f"rounds/{t}/{k}"][0] + places[f"rounds/{t}/{k}"][1] for k in keys]
+    if not isinstance(c.get("end"), int) or c["end"] < max(ends, default=0):
+        return "its data end is not after its arrays"
     return None
 
 
-def _read_attrs(root, name: str):
+def _read_final(path: str) -> dict | None:
+    """The completion mark's content (None when there is none); a mark that is not valid JSON is corrupted."""
     try:
-        return dict(root[name].attrs)
-    except Exception:
+        with open(os.path.join(path, FINAL_FILE), "rb") as f:
+            text = f.read(1 << 16)
+    except FileNotFoundError:
         return None
+    try:
+        final = json.loads(text)
+    except ValueError:
+        final = None
+    if (not isinstance(final, dict) or final.get("crc") != _jcrc({k: v for k, v in final.items() if k != "crc"})
+            or not isinstance(final.get("rounds"), int)):
+        raise HistoryFileError(f"{path!r}: the completion mark ('final') is corrupted")
+    return final
 
 
-def _commits(root, path: str, attrs_crc: int, bound: int | None = None) -> tuple[list[dict], dict | None]:
-    """(commits of rounds 0, 1, ... as one verified chain, the completion mark or None).
+def _parse_commit(line: bytes) -> dict | None:
+    """One line of the commit log as a commit, or None when it is not one (torn, or its own checksum fails)."""
+    try:
+        c = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(c, dict) or c.get("crc") != _jcrc({k: v for k, v in c.items() if k != "crc"}):
+        return None
+    return c
 
-    A torn or unreadable last commit of a store that is not marked complete is the round in flight: dropped.
-    Anything else that breaks the chain (a missing or corrupted middle commit, a commit from other attributes
-    or replaced, a completion mark that does not match the last commit) is a HistoryFileError naming it."""
-    if bound is None:
-        bound = _record_bound(dict(root.attrs))
-    folder = os.path.join(path, "commits")
-    present = sorted(int(e) for e in os.listdir(folder) if e.isdigit()) if os.path.isdir(folder) else []
-    final = None
-    if os.path.exists(os.path.join(path, "final")):
-        final = _read_attrs(root, "final")
-        if (not final or final.get("crc") != _jcrc({k: v for k, v in final.items() if k != "crc"})
-                or not isinstance(final.get("rounds"), int)):
-            raise HistoryFileError(f"{path!r}: the completion mark ('final') is corrupted")
-    out, prev, have = [], attrs_crc, set(present)
-    while len(out) in have:
+
+class _Chain(NamedTuple):
+    commits: list  # rounds 0, 1, ... as one verified chain
+    final: dict | None  # the completion mark
+    ends: list  # the byte offset in the commit log after each commit's line
+
+
+def _chain(path: str, attrs_crc: int, bound: int) -> _Chain:
+    """The verified commit chain of a store.
+
+    A torn or unreadable last line of the log of a store that is not marked complete is the round in flight:
+    dropped. Anything else that breaks the chain (a missing or corrupted middle commit, a commit from other
+    attributes or replaced, a completion mark that does not match the last commit) is a HistoryFileError naming
+    it."""
+    final = _read_final(path)
+    try:
+        with open(os.path.join(path, COMMITS_FILE), "rb") as f:
+            log = f.read()
+    except FileNotFoundError:
+        raise HistoryFileError(f"{path!r}: the commit log ({COMMITS_FILE}) is missing") from None
+    lines = log.split(b"\n")
+    lines[-1:] = [lines[-1]] if lines[-1] else []  # text after the last newline: a torn line
+    parsed = [_parse_commit(line) for line in lines]
+    out, ends, prev, at = [], [], attrs_crc, 0
+    for i, (line, c) in enumerate(zip(lines, parsed)):
         t = len(out)
-        c = _read_attrs(root, f"commits/{t}")
-        if c is None or c.get("crc") != _jcrc({k: v for k, v in c.items() if k != "crc"}):
-            if t == present[-1] and final is None:  # the round in flight when the writer stopped: not committed
+        if c is None or not line.endswith(b"}") or i == len(lines) - 1 and not log.endswith(b"\n"):
+            if i == len(lines) - 1 and final is None:  # the round in flight when the writer stopped: not committed
                 break
             raise HistoryFileError(f"{path!r}: the commit of round {t} is corrupted")
+        if isinstance(c.get("round"), int) and c["round"] > t:
+            later = [x["round"] for x in parsed[i:] if x is not None and isinstance(x.get("round"), int)]
+            raise HistoryFileError(f"{path!r}: the commit of round {t} is missing, but rounds {later} are "
+                                   "committed (a deleted commit)")
         why = _valid_commit(c, t, bound)
         if why:
             raise HistoryFileError(f"{path!r}: the commit of round {t} is impossible ({why})")
@@ -530,18 +693,24 @@ def _commits(root, path: str, attrs_crc: int, bound: int | None = None) -> tuple
         if c.get("prev") != prev:
             raise HistoryFileError(f"{path!r}: the commit of round {t} does not follow the commit of round {t - 1} "
                                    "(a commit was replaced or comes from another store)")
+        if out and c["end"] < out[-1]["end"]:
+            raise HistoryFileError(f"{path!r}: the commit of round {t} places its data before round {t - 1}'s")
+        at += len(line) + 1
         prev = c["crc"]
         out.append(c)
-    later = [t for t in present if t > len(out)]
-    if later and len(out) not in have:
-        raise HistoryFileError(f"{path!r}: the commit of round {len(out)} is missing, but rounds {later} are "
-                               "committed (a deleted commit)")
+        ends.append(at)
     if final is not None and (final["rounds"] != len(out) or final.get("last") != prev):
         raise HistoryFileError(
             f"{path!r}: the store is marked complete with {final['rounds']} rounds, but its commits hold "
             f"{len(out)}" + (f" (the commit of round {len(out)} is missing or corrupted)"
                              if final["rounds"] > len(out) else " or do not end with the marked commit"))
-    return out, final
+    return _Chain(out, final, ends)
+
+
+def _commits(path: str, attrs_crc: int, bound: int) -> tuple[list[dict], dict | None]:
+    """(the verified commits of rounds 0, 1, ..., the completion mark or None): see ``_chain``."""
+    chain = _chain(path, attrs_crc, bound)
+    return chain.commits, chain.final
 
 
 class StoreInfo(NamedTuple):
@@ -564,23 +733,56 @@ def _info(path: str, attrs: dict, commits: list, final: dict | None) -> StoreInf
 
 def store_info(path: str) -> StoreInfo:
     """Reads and checks a store's attributes and commit chain (no round data): ``StoreInfo``."""
-    root, attrs, acrc = _open(path)
-    return _info(path, attrs, *_commits(root, path, acrc, _record_bound(attrs)))
+    _, attrs, acrc = _open(path)
+    return _info(path, attrs, *_commits(path, acrc, _record_bound(attrs)))
+
+
+def _load(file: str, name: str, spec: list, place: list, where: str, compressed: bool) -> np.ndarray:
+    """One array of a round or state slot: its bytes at ``place`` = [offset, length, crc32] of ``file``, checked
+    against the crc32 of the bytes on disk, then (zstd frame or raw) decoded into an array of the committed shape
+    and dtype (bounded by the commit) and checked against the committed crc32."""
+    off, n, crc = place
+    try:
+        with open(file, "rb") as f:
+            f.seek(off)
+            blob = f.read(n)
+    except FileNotFoundError:
+        raise HistoryFileError(f"{where}: {os.path.basename(file)!r}, which holds array {name!r}, is missing") from None
+    if len(blob) != n:
+        raise HistoryFileError(f"{where}: array {name!r} is truncated ({len(blob)} of its {n} bytes are on disk)")
+    if zlib.crc32(blob) & 0xFFFFFFFF != crc:
+        raise HistoryFileError(f"{where}: array {name!r} is corrupted (its bytes on disk do not match their checksum)")
+    a = np.empty(spec[1], np.dtype(spec[2]))
+    if a.size:
+        try:
+            if not compressed:
+                if n != a.nbytes:
+                    raise ValueError(f"{n} bytes for {a.nbytes}")
+                a = np.frombuffer(blob, a.dtype).reshape(a.shape).copy()
+            else:
+                _zstd().decode(blob, out=a)
+        except Exception as e:
+            raise HistoryFileError(f"{where}: array {name!r} is corrupted ({type(e).__name__}: {e})") from e
+    if _crc(a) != spec[0]:
+        raise HistoryFileError(f"{where}: array {name!r} does not match its committed checksum")
+    return a
 
 
 class StoredRecord(Mapping):
     """Round t's compact record in a store, read array by array when accessed and checked against its commit:
     replay reads a round's masks without its payload rows, and the rows only for the chunk it decodes."""
 
-    def __init__(self, root, path: str, commit: dict):
-        self._root, self._t, self._keys, self._specs = root, commit["round"], tuple(commit["keys"]), commit["arrays"]
+    def __init__(self, path: str, commit: dict):
+        self._path, self._t, self._keys = path, commit["round"], tuple(commit["keys"])
+        self._specs, self._places = commit["arrays"], commit["places"]
         self._where = f"{path!r} round {self._t}"
 
     def __getitem__(self, key: str) -> np.ndarray:
         if key not in self._keys:
             raise KeyError(key)
         name = f"rounds/{self._t}/{key}"
-        return _read(self._root, name, self._where, self._specs[name])
+        return _load(os.path.join(self._path, ROUNDS_FILE), name, self._specs[name], self._places[name],
+                     self._where, compressed=True)
 
     def __iter__(self):
         return iter(self._keys)
@@ -594,15 +796,11 @@ class StoredRecords(Sequence):
     the commit index in host memory and reads rounds from disk as they are used. ``info``: ``StoreInfo``."""
 
     def __init__(self, path: str, root=None):
-        if root is None:
-            root, attrs, acrc = _open(path)
-        else:  # load_history passes the group it has opened (and checked)
-            attrs = dict(root.attrs)
-            acrc = _jcrc(attrs)
+        _, attrs, acrc = _open(path)
         self.path = path
-        commits, final = _commits(root, path, acrc, _record_bound(attrs))
+        commits, final = _commits(path, acrc, _record_bound(attrs))
         self.info = _info(path, attrs, commits, final)
-        self._items = [StoredRecord(root, path, c) for c in commits]
+        self._items = [StoredRecord(path, c) for c in commits]
 
     def __getitem__(self, i):
         return self._items[i]
@@ -642,7 +840,7 @@ def load_history(path: str, template: PyTree | None = None, lazy: bool = False) 
         compressor = Compressor.from_config(attrs["compressor"])
     except (TypeError, ValueError) as e:
         raise HistoryFileError(f"{path!r}: unreadable compressor configuration ({e})") from e
-    records = StoredRecords(path, root)  # the commit chain, before any array is read
+    records = StoredRecords(path)  # the commit chain, before any array is read
     p0 = [_read(root["params0"], str(i), f"{path!r} params0", spec) for i, spec in enumerate(attrs["params0"])]
     params0 = treedef.unflatten(p0) if template is not None else _rebuild(meta["paths"], p0)
     like = Like(jax.tree_util.tree_structure(params0), tuple(leaves))
@@ -659,20 +857,22 @@ def load_history(path: str, template: PyTree | None = None, lazy: bool = False) 
 
 
 def load_state(path: str, history: History, t: int) -> tuple[PyTree, dict]:
-    """(global params, compressor state) after round t, from the store's state slot t % 2 (checksummed)."""
-    root, attrs, acrc = _open(path)
-    commits, _ = _commits(root, path, acrc, _record_bound(attrs))
+    """(global params, compressor state) after round t, from the store's state slot t % 2 (checksummed; only the
+    last two committed rounds have theirs)."""
+    _, attrs, acrc = _open(path)
+    commits, _ = _commits(path, acrc, _record_bound(attrs))
     if t >= len(commits):
         raise HistoryFileError(f"{path!r} holds {len(commits)} committed rounds, no state after round {t}")
-    specs = commits[t]["arrays"]
+    specs, places = commits[t]["arrays"], commits[t]["places"]
     where = f"{path!r} state after round {t}"
+    file = os.path.join(path, STATE_FILE.format(t % 2))
 
     def read(sub: str, like_tree: PyTree) -> PyTree:
         n = len(jax.tree.leaves(like_tree))
         keys = [f"state/{t % 2}/{sub}/{i}" for i in range(n)]
         if any(k not in specs for k in keys):
             raise HistoryFileError(f"{where}: the store holds no training state (saved without params)")
-        vals = [_read(root, k, where, specs[k]) for k in keys]
+        vals = [_load(file, k, specs[k], places[k], where, compressed=False) for k in keys]
         for k, v, x in zip(keys, vals, jax.tree.leaves(like_tree)):
             if v.shape != np.shape(x):
                 raise HistoryFileError(f"{where}: array {k!r} has shape {v.shape}, the model needs {np.shape(x)}")
