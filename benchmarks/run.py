@@ -33,9 +33,9 @@ import optax  # noqa: E402
 
 import medu_jax as mj  # noqa: E402
 from medu_jax.compressors import Like  # noqa: E402
-from medu_jax.experiment import _timed_against  # noqa: E402
 from medu_jax.fedavg import cross_entropy  # noqa: E402
 from medu_jax.history import compact, record_nbytes  # noqa: E402
+from medu_jax.timing import timed_against  # noqa: E402
 
 
 def best(fn, *args, repeats: int = 5) -> float:
@@ -117,8 +117,8 @@ def fedavg_row(users: int, rounds: int, hidden, local_steps: int, batch_size: in
 
     mesh = mj.client_mesh() if sharded else None
     ours = lambda: mj.train(model.apply, tx, params0, clients, cfg, mesh=mesh).params  # noqa: E731
-    jax.block_until_ready(loop_train())  # compiles the loop's step; _timed_against warms ``ours`` itself
-    _, t_ours, t_loop = _timed_against(ours, loop_train, repeats=3)
+    jax.block_until_ready(loop_train())  # compiles the loop's step; timed_against warms ``ours`` itself
+    _, t_ours, t_loop = timed_against(ours, loop_train, repeats=3)
     where = f"{len(jax.devices())} {jax.devices()[0].platform} devices, sharded" if sharded else "1 device"
     return (f"| {users} | MLP{tuple(hidden)} | {local_steps} x {batch_size} | {where} | {rounds / t_ours:.1f} | "
             f"{rounds / t_loop:.2f} | {t_loop / t_ours:.1f}x |")
@@ -152,8 +152,8 @@ def replay_table(users: int, rounds: int, local_steps: tuple[int, ...]) -> list[
         for name, h in run.histories.items():
             tune = lambda: mj.finetune(model.apply, tx, mj.replay(h, bad), clients, cfg, bad, 2)  # noqa: E731
             # retraining runs the training program already compiled above, so it is warm
-            _, t_rp, t_re = _timed_against(lambda: mj.replay(h, bad), retrain, repeats=7)
-            _, t_ft, t_re2 = _timed_against(tune, retrain, repeats=7)
+            _, t_rp, t_re = timed_against(lambda: mj.replay(h, bad), retrain, repeats=7)
+            _, t_ft, t_re2 = timed_against(tune, retrain, repeats=7)
             t_re = min(t_re, t_re2)
             rows.append(f"| {steps} x {cfg.batch_size} | {name} | {t_re * 1e3:.0f} | {t_rp * 1e3:.1f} | "
                         f"{t_re / t_rp:.1f}x | {t_ft * 1e3:.1f} | {t_re / t_ft:.1f}x |")

@@ -19,7 +19,8 @@ LAYERS = [
     {"recovery"},
     {"baselines"},
     {"data", "attacks", "models", "metrics", "rum", "s3t", "zoga"},
-    {"suite", "experiment"},
+    {"tables", "timing"},  # the experiments' shared table/plot writer and timer
+    {"suite", "experiment", "zoga_experiment", "rum_experiment", "s3t_experiment"},  # one module per experiment
     {"cli"},
 ]
 LAYER = {m: i for i, mods in enumerate(LAYERS) for m in mods}
@@ -67,6 +68,12 @@ def test_the_import_graph_has_no_cycle():
 
     for m in sorted(graph):
         visit(m, [])
+
+
+def test_experiments_never_import_each_other():
+    experiments = LAYERS[LAYER["experiment"]]
+    bad = [(m, d) for m in experiments for d in imports(m) if d in experiments]
+    assert not bad, f"one experiment reaching into another: {bad}"
 
 
 def test_the_checker_sees_imports_inside_functions():

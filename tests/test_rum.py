@@ -8,7 +8,7 @@ import pytest
 
 import medu_jax as mj
 from medu_jax import rum as R
-from medu_jax.experiment import RUMConfig, format_rum_table, run_rum
+from medu_jax.rum_experiment import RUMConfig, format_rum_table, run_rum
 
 
 def setup(hidden=(16,)):

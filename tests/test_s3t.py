@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from medu_jax import s3t
-from medu_jax.experiment import S3TConfig, format_s3t_table, run_s3t
+from medu_jax.s3t_experiment import S3TConfig, format_s3t_table, run_s3t
 
 
 def test_orders_are_even_cyclic_rotations():

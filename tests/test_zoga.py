@@ -92,7 +92,7 @@ def test_gradient_ascent_raises_the_forget_loss():
 
 def test_sample_unlearning_table_and_cli(capsys):
     from medu_jax import cli
-    from medu_jax.experiment import SampleUnlearningConfig, run_sample_unlearning
+    from medu_jax.zoga_experiment import SampleUnlearningConfig, run_sample_unlearning
 
     res = run_sample_unlearning(SampleUnlearningConfig(num_users=4, num_malicious=1, rounds=3, local_steps=2, steps=3,
                                                        q=2, tune_rounds=1))

@@ -1,59 +1,22 @@
-"""The ``medu`` command: ``medu demo`` and ``medu run --config file.json``.
+"""The ``medu`` command: flags to configs, one call to an experiment's runner, its report printed.
 
-Both train with malicious users, unlearn them from every history variant, retrain from scratch as the
-reference, and print one Markdown comparison table; ``--out DIR`` also writes table.csv, result.json and a
-plot of accuracy and attack success against stored bytes.
+``medu demo`` and ``medu run --config file.json`` (``experiment``) train with malicious users, unlearn them from
+every history variant, retrain from scratch as the reference, and print one Markdown comparison table; ``--out
+DIR`` also writes table.csv, result.json and a plot of accuracy and attack success against stored bytes.
+``medu zoga``, ``medu rum``, ``medu s3t`` and ``medu suite`` run ``zoga_experiment``, ``rum_experiment``,
+``s3t_experiment`` and ``suite``. Each experiment's config, runner and table live in its own module.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
+from typing import Callable
 
-from medu_jax.experiment import ExperimentConfig, format_table, run_experiment, to_json
-
-
-def _write_outputs(result: dict, out: str) -> list[str]:
-    os.makedirs(out, exist_ok=True)
-    paths = [os.path.join(out, "table.csv"), os.path.join(out, "result.json"), os.path.join(out, "table.md")]
-    with open(paths[0], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(result["rows"][0]))
-        w.writeheader()
-        w.writerows(result["rows"])
-    with open(paths[1], "w") as f:
-        f.write(to_json(result))
-    with open(paths[2], "w") as f:
-        f.write(format_table(result) + "\n")
-    paths.append(_plot(result, os.path.join(out, "accuracy_vs_bytes.png")))
-    return paths
-
-
-def _plot(result: dict, path: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in result["rows"] if r["bytes"]]
-    ref = next(r for r in result["rows"] if r["method"].startswith("retrain"))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [r["bytes"] for r in rows]
-    ax.plot(xs, [100 * r["accuracy"] for r in rows], "o", label="clean accuracy (unlearned)")
-    ax.plot(xs, [100 * r["attack_success"] for r in rows], "s", label="attack success (unlearned)")
-    for r in rows:
-        ax.annotate(r["method"].replace("history: ", ""), (r["bytes"], 100 * r["accuracy"]), fontsize=8)
-    ax.axhline(100 * ref["accuracy"], ls="--", c="C0", lw=1, label="retrain accuracy")
-    ax.set_xscale("log")
-    ax.set_xlabel("stored history bytes")
-    ax.set_ylabel("%")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+from medu_jax import experiment
+from medu_jax.experiment import ExperimentConfig, run_experiment
 
 
 def _config_from_file(path: str) -> ExperimentConfig:
@@ -156,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "rum":
         return _rum(args)
 
-    def experiment():
+    def federated():
         base = _config_from_file(args.config) if getattr(args, "config", None) else ExperimentConfig()
         overrides = {
             k: v for k, v in {
@@ -171,20 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         _check_folders(cfg.store, cfg.resume, args.out)
         return run_experiment(cfg, progress=not args.quiet)
 
-    result, code = _guarded(experiment)
+    result, code = _report(federated, experiment.report)
     if code:
         return code
-    print(format_table(result))
-    print(
-        f"\nfloat32 history would take {result['float32_bytes']:,} bytes; training took {result['train_seconds']:.1f} s"
-        f"; lattice overloads: {result['overload']}; rejected non-finite updates: {result['rejected_updates']}"
-    )
-    for name, h in result["histories"].items():
-        print(f"history {name}: rebuild error {100 * h['rebuild_error']:.2f}% (replay with nobody removed vs the "
-              f"trained model); rows stored {100 * h['stored']:.0f}%, sparsified {100 * h['sparsified']:.0f}%, "
-              f"thresholded {100 * h['thresholded']:.0f}%")
     if args.out:
-        paths, code = _guarded(_write_outputs, result, args.out)
+        paths, code = _guarded(experiment.write_outputs, result, args.out)
         if code:
             return code
         for p in paths:
@@ -206,6 +160,14 @@ def _guarded(run, *args):
     except KeyboardInterrupt:
         print("medu: interrupted (a history store being written can be continued with --resume)", file=sys.stderr)
         return None, 130
+
+
+def _report(run: Callable, report: Callable[[dict], str]) -> tuple[dict | None, int]:
+    """(result, exit code) of ``run()`` under ``_guarded``, its ``report`` printed when it ran."""
+    result, code = _guarded(run)
+    if not code:
+        print(report(result))
+    return result, code
 
 
 def _suite(args) -> int:
@@ -234,44 +196,27 @@ def _suite(args) -> int:
 
 
 def _s3t(args) -> int:
-    from medu_jax.experiment import S3TConfig, format_s3t_table, run_s3t
+    from medu_jax import s3t_experiment as X
 
-    result, code = _guarded(lambda: run_s3t(S3TConfig(
+    return _report(lambda: X.run_s3t(X.S3TConfig(
         dataset=args.dataset, data_path=args.data_path, shards=args.shards, slices=args.slices, orders=args.orders,
-        deletions=args.deletions, seed=args.seed)))
-    if code:
-        return code
-    print(format_s3t_table(result))
-    return 0
+        deletions=args.deletions, seed=args.seed)), X.report)[1]
 
 
 def _rum(args) -> int:
-    from medu_jax.experiment import RUMConfig, format_rum_table, run_rum
+    from medu_jax import rum_experiment as X
 
-    result, code = _guarded(lambda: run_rum(RUMConfig(
+    return _report(lambda: X.run_rum(X.RUMConfig(
         dataset=args.dataset, data_path=args.data_path, proxy=args.proxy, steps=args.steps, epochs=args.epochs,
-        seed=args.seed)))
-    if code:
-        return code
-    print(format_rum_table(result))
-    print(f"\nforget set: {result['forget']} samples, memorization groups {result['groups']}")
-    return 0
+        seed=args.seed)), X.report)[1]
 
 
 def _zoga(args) -> int:
-    from medu_jax.experiment import SampleUnlearningConfig, format_sample_table, run_sample_unlearning
+    from medu_jax import zoga_experiment as X
 
-    result, code = _guarded(lambda: run_sample_unlearning(SampleUnlearningConfig(
+    return _report(lambda: X.run_sample_unlearning(X.SampleUnlearningConfig(
         dataset=args.dataset, data_path=args.data_path, steps=args.steps, ga_lr=args.ga_lr, q=args.q,
-        rounds=args.rounds, seed=args.seed)))
-    if code:
-        return code
-    print(format_sample_table(result))
-    m = result["memory"]
-    print(f"\nremoved users {result['malicious']} with the MEDU history, then forgot {result['forget_samples']} "
-          f"samples of user {result['config']['user']}; peak step memory first-order / ZO = "
-          f"{m['ratio']:.2f}x (XLA memory analysis)")
-    return 0
+        rounds=args.rounds, seed=args.seed)), X.report)[1]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -107,6 +107,27 @@ def load_mnist(path: str, flatten: bool = True) -> Dataset:
     )
 
 
+DATASETS = ("digits", "mnist1d", "mnist")
+
+
+def check_dataset(dataset: str, data_path: str | None) -> None:
+    """Validates a data set choice (shared by every experiment's config)."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}: choose one of {DATASETS}")
+    if dataset == "mnist" and not data_path:
+        raise ValueError("dataset 'mnist' needs data_path (--data-path): a folder of the four IDX files or an .npz")
+
+
+def load_dataset(dataset: str, seed: int = 0, data_path: str | None = None, mnist1d_samples: int = 4000) -> Dataset:
+    """A data set by its name in ``DATASETS``, as the experiments' configs name it (``data_path`` for mnist)."""
+    check_dataset(dataset, data_path)
+    if dataset == "digits":
+        return load_digits(seed)
+    if dataset == "mnist1d":
+        return load_mnist1d(mnist1d_samples, seed)
+    return load_mnist(data_path)
+
+
 def partition_iid(num_samples: int, num_clients: int, key: jax.Array) -> list[np.ndarray]:
     """Indices of a uniform random split into near-equal client shards."""
     perm = np.asarray(jax.random.permutation(key, num_samples))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medu_jax import attacks, compressors as C, data as D, metrics, recovery as R
+from medu_jax import attacks, compressors as C, data as D, metrics, recovery as R, tables as T
 from medu_jax.fedavg import ClientData, FedConfig, train
 from medu_jax.models import MLP
 from medu_jax.unlearn import rebuild_error, replay
@@ -113,11 +113,9 @@ def _model_and_optimizer(hidden: tuple, num_classes: int, lr: float):
 
 
 def _dataset(name: str, seed: int, cfg: SuiteConfig) -> D.Dataset:
-    if name == "digits":
-        return D.load_digits(seed)
-    if name == "mnist1d":
-        return D.load_mnist1d(cfg.mnist1d_samples, seed)
-    raise ValueError(f"unknown suite dataset {name!r}: choose digits or mnist1d")
+    if name not in ("digits", "mnist1d"):
+        raise ValueError(f"unknown suite dataset {name!r}: choose digits or mnist1d")
+    return D.load_dataset(name, seed, mnist1d_samples=cfg.mnist1d_samples)
 
 
 def _members(clients: ClientData, users: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -247,7 +245,7 @@ def run_suite(cfg: SuiteConfig, out: str, only: Callable[[dict], bool] | None = 
         res["seconds"] = time.perf_counter() - t0
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(res, f, indent=1, default=float)
+            f.write(T.to_json(res, indent=1))
         os.replace(tmp, path)
         progress(f"{res['name']}: {res['seconds']:.0f} s")
         results.append(res)
@@ -327,69 +325,62 @@ def summarize(results: list[dict]) -> list[dict]:
     return out
 
 
-def _pct(x: float) -> str:
-    return "" if x != x else f"{100 * x:.1f}"
-
-
 def format_summary(summary: list[dict]) -> str:
     """The pass/fail matrix as Markdown: retraining, attacked, fine-tuning at equal cost, the default method."""
     d = f"{DEFAULT_METHOD}/medu_"
-    head = ("| scenario | seeds | retrain acc / ASR | attacked acc / ASR / dist | finetune (equal cost) acc / ASR / dist "
-            f"/ MIA | **{DEFAULT_METHOD}-MEDU** acc / ASR / dist / MIA (retrain MIA) | cost | ratio | rebuild | pass | "
-            "beats finetune dist / MIA |")
-    lines = [head, "|" + "---|" * 11]
-    for s in summary:
+    head = ["scenario", "seeds", "retrain acc / ASR", "attacked acc / ASR / dist",
+            "finetune (equal cost) acc / ASR / dist / MIA",
+            f"**{DEFAULT_METHOD}-MEDU** acc / ASR / dist / MIA (retrain MIA)", "cost", "ratio", "rebuild", "pass",
+            "beats finetune dist / MIA"]
+
+    def cells(s: dict) -> list[str]:
         failed = [k for k, ok in s["checks"].items() if not ok]
-        lines.append(
-            f"| {s['scenario']} | {s['seeds']} | {_pct(s['retrain_accuracy'])} / {_pct(s['retrain_attack_success'])} | "
-            f"{_pct(s['attacked_accuracy'])} / {_pct(s['attacked_attack_success'])} / "
-            f"{s['attacked_dist_to_retrain']:.3f} | {_pct(s['finetune_accuracy'])} / "
-            f"{_pct(s['finetune_attack_success'])} / {s['finetune_dist_to_retrain']:.3f} / "
-            f"{s['finetune_mia_auc']:.3f} | {_pct(s[d + 'accuracy'])} / {_pct(s[d + 'attack_success'])} / "
-            f"{s[d + 'dist_to_retrain']:.3f} / {s[d + 'mia_auc']:.3f} ({s['retrain_mia_auc']:.3f}) | "
-            f"{_pct(s[d + 'client_cost'])}% | {s[d + 'ratio']:.1f}x | {_pct(s[d + 'rebuild_error'])}% | "
-            f"{'PASS' if s['pass'] else 'FAIL: ' + ', '.join(failed)} | "
-            f"{'yes' if s['beats_finetune_distance'] else 'no'} / {'yes' if s['beats_finetune_mia'] else 'no'} |")
-    return "\n".join(lines)
+        return [s["scenario"], s["seeds"], f"{T.pct(s['retrain_accuracy'])} / {T.pct(s['retrain_attack_success'])}",
+                f"{T.pct(s['attacked_accuracy'])} / {T.pct(s['attacked_attack_success'])} / "
+                f"{s['attacked_dist_to_retrain']:.3f}",
+                f"{T.pct(s['finetune_accuracy'])} / {T.pct(s['finetune_attack_success'])} / "
+                f"{s['finetune_dist_to_retrain']:.3f} / {s['finetune_mia_auc']:.3f}",
+                f"{T.pct(s[d + 'accuracy'])} / {T.pct(s[d + 'attack_success'])} / {s[d + 'dist_to_retrain']:.3f} / "
+                f"{s[d + 'mia_auc']:.3f} ({s['retrain_mia_auc']:.3f})",
+                f"{T.pct(s[d + 'client_cost'])}%", f"{s[d + 'ratio']:.1f}x", f"{T.pct(s[d + 'rebuild_error'])}%",
+                "PASS" if s["pass"] else "FAIL: " + ", ".join(failed),
+                f"{'yes' if s['beats_finetune_distance'] else 'no'} / {'yes' if s['beats_finetune_mia'] else 'no'}"]
+
+    return T.markdown(head, map(cells, summary))
 
 
 def format_compact(summary: list[dict]) -> str:
     """The pass/fail matrix in few columns (the README's): the default method from the MEDU history vs retraining."""
     d = f"{DEFAULT_METHOD}/medu_"
-    lines = ["| scenario | acc: retrain / unlearned | attack success: retrain / attacked / unlearned | dist: attacked / "
-             "unlearned | client cost | bytes ratio | pass |", "|---|---|---|---|---:|---:|---|"]
-    for s in summary:
+    head = ["scenario", "acc: retrain / unlearned", "attack success: retrain / attacked / unlearned",
+            "dist: attacked / unlearned", "client cost", "bytes ratio", "pass"]
+
+    def cells(s: dict) -> list[str]:
         failed = [k for k, ok in s["checks"].items() if not ok]
-        lines.append(
-            f"| {s['scenario']} | {_pct(s['retrain_accuracy'])} / {_pct(s[d + 'accuracy'])} | "
-            f"{_pct(s['retrain_attack_success']) or '-'} / {_pct(s['attacked_attack_success']) or '-'} / "
-            f"{_pct(s[d + 'attack_success']) or '-'} | {s['attacked_dist_to_retrain']:.3f} / "
-            f"{s[d + 'dist_to_retrain']:.3f} | {_pct(s[d + 'client_cost'])}% | {s[d + 'ratio']:.1f}x | "
-            f"{'pass' if s['pass'] else '**FAIL** (' + ', '.join(failed) + ')'} |")
-    return "\n".join(lines)
+        return [s["scenario"], f"{T.pct(s['retrain_accuracy'])} / {T.pct(s[d + 'accuracy'])}",
+                f"{T.pct(s['retrain_attack_success']) or '-'} / {T.pct(s['attacked_attack_success']) or '-'} / "
+                f"{T.pct(s[d + 'attack_success']) or '-'}",
+                f"{s['attacked_dist_to_retrain']:.3f} / {s[d + 'dist_to_retrain']:.3f}",
+                f"{T.pct(s[d + 'client_cost'])}%", f"{s[d + 'ratio']:.1f}x",
+                "pass" if s["pass"] else "**FAIL** (" + ", ".join(failed) + ")"]
+
+    return T.markdown(head, map(cells, summary), "llllrrl")
 
 
 def format_methods(summary: list[dict]) -> str:
     """Every method x history per scenario: accuracy gap to retraining, distance, client cost."""
     methods = sorted({k.split("_")[0] for s in summary for k in s if "/" in k})
-    head = "| scenario | " + " | ".join(methods) + " |"
-    lines = [head + "  (each: acc gap to retrain (points) / dist / cost %)", "|" + "---|" * (len(methods) + 1)]
-    for s in summary:
-        cells = []
-        for m in methods:
-            gap = 100 * (s[f"{m}_accuracy"] - s["retrain_accuracy"])
-            cells.append(f"{gap:+.1f} / {s[f'{m}_dist_to_retrain']:.3f} / {_pct(s[f'{m}_client_cost'])}")
-        lines.append(f"| {s['scenario']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+
+    def cells(s: dict) -> list[str]:
+        return [s["scenario"]] + [f"{100 * (s[f'{m}_accuracy'] - s['retrain_accuracy']):+.1f} / "
+                                  f"{s[f'{m}_dist_to_retrain']:.3f} / {T.pct(s[f'{m}_client_cost'])}" for m in methods]
+
+    return T.markdown(["scenario", *methods], map(cells, summary),
+                      note="  (each: acc gap to retrain (points) / dist / cost %)")
 
 
 def plot(results: list[dict], path: str) -> str:
     """Accuracy gap to retraining vs client cost, one point per method (mean over every cell)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     pts: dict[str, list] = {}
     for run in results:
         ref = next(x for x in run["rows"] if x["method"] == "retrain")["accuracy"]
@@ -400,20 +391,17 @@ def plot(results: list[dict], path: str) -> str:
             if label.startswith("finetune") and x.get("equal_cost"):
                 label = "finetune (equal cost)"
             pts.setdefault(label, []).append((x["client_cost"], 100 * (x["accuracy"] - ref)))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, p in sorted(pts.items()):
-        c, g = np.nanmean(np.asarray(p, float), axis=0)
-        ax.plot(100 * c, g, "o")
-        ax.annotate(label, (100 * c, g), fontsize=7)
-    ax.axhline(0, ls="--", c="k", lw=0.8)
-    ax.axhline(-100 * BAR["accuracy_gap"], ls=":", c="r", lw=0.8)
-    ax.axvline(100 * BAR["client_cost"], ls=":", c="r", lw=0.8)
-    ax.set_xlabel("client cost (% of retraining's local steps)")
-    ax.set_ylabel("clean accuracy - retraining's (points, mean over cells)")
-    ax.set_title("every method, mean over the suite's cells (NaN rows of diverged runs left out)", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with T.figure(path, (7, 4.5)) as ax:
+        for label, p in sorted(pts.items()):
+            c, g = np.nanmean(np.asarray(p, float), axis=0)
+            ax.plot(100 * c, g, "o")
+            ax.annotate(label, (100 * c, g), fontsize=7)
+        ax.axhline(0, ls="--", c="k", lw=0.8)
+        ax.axhline(-100 * BAR["accuracy_gap"], ls=":", c="r", lw=0.8)
+        ax.axvline(100 * BAR["client_cost"], ls=":", c="r", lw=0.8)
+        ax.set_xlabel("client cost (% of retraining's local steps)")
+        ax.set_ylabel("clean accuracy - retraining's (points, mean over cells)")
+        ax.set_title("every method, mean over the suite's cells (NaN rows of diverged runs left out)", fontsize=8)
     return path
 
 
@@ -423,7 +411,7 @@ def write_report(results: list[dict], out: str) -> dict[str, str]:
     paths = {"json": os.path.join(out, "summary.json"), "md": os.path.join(out, "summary.md"),
              "plot": os.path.join(out, "accuracy_vs_cost.png")}
     with open(paths["json"], "w") as f:
-        json.dump(summary, f, indent=1, default=float)
+        f.write(T.to_json(summary, indent=1))
     with open(paths["md"], "w") as f:
         f.write(format_summary(summary) + "\n\n" + format_methods(summary) + "\n")
     plot(results, paths["plot"])
