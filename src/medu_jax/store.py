@@ -9,7 +9,7 @@ Layout of a store (one ``History``; format version 3), the same few files whatev
   rounds.bin        append-only: every round's compact record (packed masks, flags, payload rows), each array one
                     zstd frame, round after round
   state.0, state.1  the training state after the last two rounds (global params, compressor state; raw bytes),
-                    slot t % 2 after round t, each replaced whole (written to a temporary name, then renamed)
+                    slot t % 2 after round t, written in place (the last commit's state is in the other slot)
   commits.jsonl     append-only, one JSON line per round, written last: crc32, shape, dtype and place (offset,
                     length, crc32 of the bytes on disk) of every array of round t and of its state slot, the end
                     of its data, the rounds the run was configured for, the checksum of the attributes and of
@@ -17,15 +17,15 @@ Layout of a store (one ``History``; format version 3), the same few files whatev
   final.json        written when the run has all its rounds: their number and the last commit's checksum
 
 Why this layout: typed arrays and JSON in plain files, readable from any language (zstd frames at offsets a
-JSON line gives); appending a round writes two files and replaces one, so a 10,000-round store has no more
+JSON line gives); appending a round writes three files that exist from creation on, so a 10,000-round store has no more
 files than a 3-round one (format 2 had a folder of zarr arrays per round: ~16 files a round). Every byte that
 changes a result is covered by one chain: the attributes by ``checks``, params0 and weights by the attributes,
 each round and state slot by its commit, each commit by the next one and the last by ``final.json``. A changed
 attribute, a lost or changed byte, a missing or replaced commit (also the last one of a finished run) is a
 ``HistoryFileError`` that names it. A crash loses at most the round in flight: its commit line is not written
 (or is torn) and the store is *cut short* (``store_info``), which ``train(..., resume=True)`` continues (it
-cuts the log and the data file after the last commit). ``HistoryWriter(fsync=True)``, the default, fsyncs a
-round's data, its state slot and then its commit before ``append`` returns, so a power loss keeps every
+cuts the log and the data file after the last commit). ``HistoryWriter(fsync=True)``, the default, fdatasyncs
+a round's data, its state slot and then its commit line before ``append`` returns, so a power loss keeps every
 committed round too. A store is built under a temporary name and renamed into place, so it is either absent or
 whole; ``StoreLock`` (an OS file lock, ``fcntl.flock``) keeps a second writer out while a run trains. Shapes
 read from disk are checked against the commits and the attributes, and the attributes against sane bounds,
@@ -375,11 +375,12 @@ class HistoryWriter:
     ``run`` is the run's description (``describe_run``), ``planned`` the rounds it is configured for (recorded
     in every commit; default: unknown until ``finish``). The store is built under a temporary name beside
     ``path`` and renamed into place, so a crash during creation leaves no half-made store. A round is appended
-    to ``rounds.bin`` and committed by a line of ``commits.jsonl``, so the store has the same few files
-    whatever its number of rounds. ``fsync`` (default): ``append`` returns only when the round and its commit
-    are on the disk (the data, the state slot and its folder entry, then the commit are fsynced, in that order),
-    so a power loss too keeps every committed round; ``fsync=False`` leaves that to the OS (a process crash
-    still loses nothing committed, a power loss may lose the last rounds, which the checksums then catch)."""
+    to ``rounds.bin``, its training state written over the older of two slots, and the round committed by a
+    line appended to ``commits.jsonl``: the store has the same few files whatever its number of rounds.
+    ``fsync`` (default): ``append`` returns only when the round and its commit are on the disk (the data and
+    the state slot are fdatasynced, then the commit line), so a power loss too keeps every committed round;
+    ``fsync=False`` leaves that to the OS (a process crash still loses nothing committed, a power loss may lose
+    the last rounds, which the checksums then report as damage)."""
 
     def __init__(self, path: str, history: History, overwrite: bool = False, run: dict | None = None,
                  planned: int | None = None, fsync: bool = True):
@@ -405,7 +406,7 @@ class HistoryWriter:
         for i, a in enumerate(p0):
             _write(g, str(i), a)
         _write(root, "weights", weights)
-        for name in (ROUNDS_FILE, COMMITS_FILE):
+        for name in (ROUNDS_FILE, COMMITS_FILE, STATE_FILE.format(0), STATE_FILE.format(1)):
             open(os.path.join(tmp, name), "wb").close()
         if fsync:
             _sync_tree(tmp)
@@ -449,7 +450,7 @@ class HistoryWriter:
                         os.fsync(fd)
             finally:
                 os.close(fd)
-        for entry in os.listdir(self.path):  # state slots a crash left half-written
+        for entry in os.listdir(self.path):  # a completion mark a crash left half-written
             if ".tmp-" in entry:
                 os.remove(os.path.join(self.path, entry))
 
@@ -480,28 +481,30 @@ class HistoryWriter:
                      "end": end, "attrs": self._attrs_crc, "prev": self._prev})
         line = (_canon(c) + "\n").encode()
         try:
-            fd = os.open(os.path.join(self.path, ROUNDS_FILE), os.O_WRONLY)
-            try:
-                _pwrite(fd, b"".join(blobs), self._end, f"round {t}")
-                if params is not None:
-                    _replace(os.path.join(self.path, STATE_FILE.format(t % 2)), b"".join(slot), f"state {t % 2}",
-                             self.fsync)
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            fd = os.open(os.path.join(self.path, COMMITS_FILE), os.O_WRONLY)
-            try:
-                _pwrite(fd, line, self._log_end, f"commit {t}")
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
+            # the data, then the state slot t % 2 in place (the last commit's state is in the other slot), both
+            # on the disk before the commit line that covers them
+            self._put(ROUNDS_FILE, b"".join(blobs), self._end, f"round {t}")
+            if params is not None:
+                self._put(STATE_FILE.format(t % 2), b"".join(slot), 0, f"state {t % 2}", cut=True)
+            self._put(COMMITS_FILE, line, self._log_end, f"commit {t}")
         except OSError as e:
             msg = (f"writing round {t} to the history store {self.path!r} failed ({e.strerror or e}); the store "
                    f"keeps its {t} committed rounds: free space and resume")
             raise OSError(e.errno, msg) from e
         self._prev, self.rounds, self._end, self._log_end = c["crc"], t + 1, end, self._log_end + len(line)
+
+    def _put(self, name: str, data: bytes, offset: int, what: str, cut: bool = False) -> None:
+        """Writes ``data`` at ``offset`` of the store's file ``name`` (``cut``: and ends the file there), then
+        fdatasyncs it when the writer is durable. The files exist from creation on, so no folder entry changes."""
+        fd = os.open(os.path.join(self.path, name), os.O_WRONLY)
+        try:
+            _pwrite(fd, data, offset, what)
+            if cut and os.fstat(fd).st_size != offset + len(data):
+                os.ftruncate(fd, offset + len(data))
+            if self.fsync:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
     def finish(self):
         """Marks the store complete: it holds every round of its run (the number and the last commit's checksum)."""
