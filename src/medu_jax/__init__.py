@@ -12,6 +12,7 @@ from medu_jax.compressors import (
     chain,
     check_updates,
     differential_threshold,
+    error_feedback,
     identity,
     lattice_coding,
     medu,
@@ -31,6 +32,6 @@ __version__ = "0.1.0"
 __all__ = [
     "A2", "ClientData", "Recovery", "adaptive_recovery", "federaser", "fedrecover", "finetune_baseline", "recovery", "suite", "Compressor", "D4", "E8", "FedConfig", "History", "HistoryFileError", "Lattice", "Message", "QuantizerSpec",
     "Stats", "Z", "attacks", "baselines", "chain", "check_updates", "client_mesh", "compressor_key", "corrected_replay", "data", "dequantize",
-    "differential_threshold", "fed_round", "fed_rounds", "finetune", "get_lattice", "rebuild_error", "identity", "lattice_coding", "load_history", "medu",
+    "differential_threshold", "error_feedback", "fed_round", "fed_rounds", "finetune", "get_lattice", "rebuild_error", "identity", "lattice_coding", "load_history", "medu",
     "metrics", "models", "pack_bits", "quantize", "replay", "rum", "s3t", "save_history", "shard_clients", "store", "train", "unlearn", "unpack_bits", "user_sparsification", "zoga",
 ]
