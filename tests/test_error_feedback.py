@@ -32,7 +32,7 @@ def _walk(rng, sizes, k, rounds, magnitude, zero_rounds, drift=0.3):
     return out
 
 
-def _run(comp, updates, seed, active=None):
+def _run(comp, updates, seed, active=None, check_decoder=True):
     """Encodes the rounds with ``comp`` (compiled) and decodes them with a fresh decoder state, checking that the
     decoder gives the encoder's rows bit for bit. Returns (float64 true updates, decoded rows, messages, carry)."""
     state = dstate = comp.init(updates[0])
@@ -42,10 +42,11 @@ def _run(comp, updates, seed, active=None):
         key = mj.compressor_key(seed, t)
         act = None if active is None else jnp.asarray(active[t])
         msg, state, d, valid, _ = enc(ups, state, key, act)
-        d2, valid2, dstate = dec(msg, dstate, key)
-        assert np.array_equal(np.asarray(valid), np.asarray(valid2))
-        for a, b in zip(jax.tree.leaves(d), jax.tree.leaves(d2)):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        if check_decoder:
+            d2, valid2, dstate = dec(msg, dstate, key)
+            assert np.array_equal(np.asarray(valid), np.asarray(valid2))
+            for a, b in zip(jax.tree.leaves(d), jax.tree.leaves(d2)):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         hs.append(_flat(ups)), ds.append(_flat(d)), msgs.append(msg)
     carry = _flat(state["filters"][0]["carry"]) if comp.feedback is not None else None
     return np.stack(hs), np.stack(ds), msgs, carry
@@ -62,7 +63,7 @@ def _check_carry_is_the_sum_error(h, d, carry, active=None):
     return ref
 
 
-@settings(max_examples=6, phases=[Phase.explicit, Phase.reuse, Phase.generate])  # each shape recompiles
+@settings(max_examples=4, phases=[Phase.explicit, Phase.reuse, Phase.generate])  # each shape recompiles (E8: slow)
 @given(
     sizes=st.lists(st.sampled_from([1, 2, 3, 7, 33, 130]), min_size=1, max_size=3),
     k=st.integers(1, 5),
@@ -79,12 +80,12 @@ def test_property_the_sum_error_stays_about_one_rounds_coding_error(sizes, k, la
     rng = np.random.default_rng(seed)
     updates = _walk(rng, sizes, k, 10, magnitude, zero_rounds)
     comp = mj.chain(mj.error_feedback(), mj.lattice_coding(lattice, bits))
-    h, d, _, carry = _run(comp, updates, seed)
+    h, d, _, carry = _run(comp, updates, seed, check_decoder=False)  # (the other tests check the decoder)
     err = np.linalg.norm(_check_carry_is_the_sum_error(h, d, carry), axis=1)
-    # one round's error: the plain coder on each round's own update
-    plain = mj.lattice_coding(lattice, bits)
-    enc = jax.jit(plain.encode)
-    one = np.stack([np.linalg.norm(_flat(enc(u, plain.init(u), mj.compressor_key(seed, t))[2]) - h[t], axis=1)
+    # one round's error: each round's own update coded alone, i.e. with a zero carry (the same coder and key as
+    # the plain lattice_coding(lattice, bits), and the same compiled program)
+    enc = jax.jit(comp.encode)
+    one = np.stack([np.linalg.norm(_flat(enc(u, comp.init(u), mj.compressor_key(seed, t))[2]) - h[t], axis=1)
                     for t, u in enumerate(updates)]).max(0)
     assert np.all(np.isfinite(d))
     assert np.all(err <= 3 * one + 1e-30 * magnitude + 1e-45), (err, one)
@@ -183,7 +184,7 @@ def test_decoder_ignores_the_carry_and_replays_the_encoder_bit_for_bit():
 
 def test_the_chain_without_feedback_keeps_its_bits_and_selections():
     """error_feedback adds no key position: the same sparsification draws, and with a zero carry (first round)
-    the same message as the chain without it."""
+    the same message as the chain without it (what the property test above relies on for one round's error)."""
     rng = np.random.default_rng(2)
     ups = _walk(rng, [7, 33], 6, 1, 1.0, set())[0]
     plain = mj.chain(mj.user_sparsification(0.5, missing="zero"), mj.differential_threshold(0.3, reset=True),
