@@ -46,12 +46,12 @@ def leaves64(tree):
 def test_vmapped_round_equals_a_per_client_loop():
     ds, clients, model, params0, tx, cfg = setup()
     excl = jnp.zeros((K,), bool)
-    new, ups, active, rejected = fed_round(model.apply, tx, cfg, params0, clients, 0, excl, jnp.ones((K,)))
+    new, ups, active, rejected = fed_round(model.apply, tx, cfg, params0, clients, 0, excl, jnp.ones((K,)))[:4]
     rk = jax.random.fold_in(jax.random.key(cfg.seed), 0)
     ck = jax.random.fold_in(rk, 1)
     for k in range(K):
         u = local_update(model.apply, tx, params0, clients.x[k], clients.y[k], clients.n[k],
-                         jax.random.fold_in(ck, k), cfg.local_steps, cfg.batch_size)
+                         jax.random.fold_in(ck, k), cfg.local_steps, cfg.batch_size)[0]
         for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(ups)):
             np.testing.assert_allclose(np.asarray(b[k]), np.asarray(a), rtol=1e-5, atol=1e-6)
     # the server step is the data-weighted mean (float64 reference)
@@ -115,7 +115,7 @@ def test_local_update_equals_a_step_by_step_sgd_loop():
             model.apply(q, clients.x[k][idx]), clients.y[k][idx]).mean())(p)
         p = jax.tree.map(lambda a, b: a - 0.1 * b, p, g)
     u = local_update(model.apply, tx, params0, clients.x[k], clients.y[k], clients.n[k], key, cfg.local_steps,
-                     cfg.batch_size)
+                     cfg.batch_size)[0]
     for a, b, w0 in zip(jax.tree.leaves(u), jax.tree.leaves(p), jax.tree.leaves(params0)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b) - np.asarray(w0), rtol=1e-5, atol=1e-6)
 
@@ -166,9 +166,9 @@ def test_rounds_per_call_does_not_change_the_bits(block):
 def test_excluding_users_leaves_the_others_randomness_unchanged():
     ds, clients, model, params0, tx, cfg = setup()
     ones = jnp.ones((K,))
-    _, ups, _, _ = fed_round(model.apply, tx, cfg, params0, clients, 2, jnp.zeros((K,), bool), ones)
+    ups = fed_round(model.apply, tx, cfg, params0, clients, 2, jnp.zeros((K,), bool), ones).updates
     excl = jnp.zeros((K,), bool).at[1].set(True)
-    _, ups2, active2, _ = fed_round(model.apply, tx, cfg, params0, clients, 2, excl, ones)
+    _, ups2, active2, _ = fed_round(model.apply, tx, cfg, params0, clients, 2, excl, ones)[:4]
     assert not bool(active2[1])
     for a, b in zip(jax.tree.leaves(ups), jax.tree.leaves(ups2)):
         assert np.all(np.asarray(b[1]) == 0)
@@ -302,7 +302,7 @@ def test_finetune_is_exact_rounds_of_the_remaining_users_after_the_schedule():
     excl = jnp.asarray(np.isin(np.arange(K), [1]))
     ref = w
     for t in (cfg.rounds, cfg.rounds + 1):  # round keys continue after training
-        ref, ups, _, _ = fed_round(model.apply, tx, cfg, ref, clients, t, excl, jnp.ones((K,)))
+        ref, ups = fed_round(model.apply, tx, cfg, ref, clients, t, excl, jnp.ones((K,)))[:2]
         assert all(np.all(np.asarray(u[1]) == 0) for u in jax.tree.leaves(ups))
     out = mj.finetune(model.apply, tx, w, clients, cfg, [1], 2)
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(out), jax.tree.leaves(ref)))
@@ -399,7 +399,7 @@ def test_fedconfig_and_partition_checks():
 def test_partial_participation_draws_the_configured_count():
     ds, clients, model, params0, tx, _ = setup()
     cfg = mj.FedConfig(rounds=1, local_steps=1, batch_size=8, participation=0.5, seed=1)
-    _, _, active, _ = fed_round(model.apply, tx, cfg, params0, clients, 0, jnp.zeros((K,), bool), jnp.ones((K,)))
+    active = fed_round(model.apply, tx, cfg, params0, clients, 0, jnp.zeros((K,), bool), jnp.ones((K,))).active
     assert int(active.sum()) == 3
 
 

@@ -9,7 +9,7 @@ SRC = pathlib.Path(medu_jax.__file__).parent
 
 # bottom to top: the core (codes, compressors, histories, stores), federated training, unlearning, experiments
 LAYERS = [
-    {"lattices", "packing", "trees"},
+    {"lattices", "packing", "trees", "objectives"},
     {"dither"},
     {"compressors"},
     {"history"},

@@ -526,7 +526,7 @@ def test_resume_refuses_another_configuration_naming_the_fields(tmp_path):
     store = str(tmp_path / "st")
     cfg = mj.FedConfig(rounds=2, local_steps=1, batch_size=8, seed=2)
     comps = {"m": ns["comps"]["medu"]}
-    base = dict(apply_fn=ns["model"].apply, tx=ns["tx"], params0=ns["params0"], data=ns["clients"], cfg=cfg,
+    base = dict(model=ns["model"].apply, tx=ns["tx"], params0=ns["params0"], data=ns["clients"], cfg=cfg,
                 compressors=comps)
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         mj.train(**base, store=store, resume=True)
@@ -536,7 +536,7 @@ def test_resume_refuses_another_configuration_naming_the_fields(tmp_path):
         ({"tx": optax.sgd(0.2)}, "optimizer.probe"),  # learning rate
         ({"tx": optax.sgd(optax.exponential_decay(0.1, 1, 0.5))}, "optimizer"),  # a schedule, same first step
         ({"tx": optax.adam(0.1)}, "optimizer"),
-        ({"apply_fn": lambda p, x: 2 * ns["model"].apply(p, x)}, "model.probe"),  # same parameters, other model
+        ({"model": lambda p, x: 2 * ns["model"].apply(p, x)}, "model.probe"),  # same parameters, other model
         ({"cfg": mj.FedConfig(rounds=4, local_steps=2, batch_size=8, seed=2)}, "fed.local_steps"),
         ({"cfg": mj.FedConfig(rounds=2, local_steps=1, batch_size=8, seed=2, server_lr=0.5)}, "server_lr"),
         ({"params0": ns["model"].init(jax.random.key(1), jnp.zeros((1, 64)))}, "params0"),

@@ -19,7 +19,9 @@ from medu_jax.compressors import (
     user_sparsification,
 )
 from medu_jax.dither import QuantizerSpec, dequantize, quantize
-from medu_jax.fedavg import ClientData, FedConfig, client_mesh, fed_round, fed_rounds, shard_clients, train
+from medu_jax.fedavg import (ClientData, FedConfig, PackedClientData, RoundResult, ServerState, client_mesh, fed_round,
+                             fed_rounds, init_server, recalibrate_state, server_update, shard_clients, train)
+from medu_jax.objectives import Classifier, Objective, Regressor, from_linen, from_nnx
 from medu_jax.history import History, compressor_key
 from medu_jax.lattices import A2, D4, E8, Z, Lattice, get_lattice
 from medu_jax.packing import pack_bits, unpack_bits
@@ -30,7 +32,8 @@ from medu_jax.unlearn import corrected_replay, finetune, rebuild_error, replay
 __version__ = "0.1.0"
 
 __all__ = [
-    "A2", "ClientData", "Recovery", "adaptive_recovery", "federaser", "fedrecover", "finetune_baseline", "recovery", "suite", "Compressor", "D4", "E8", "FedConfig", "History", "HistoryFileError", "Lattice", "Message", "QuantizerSpec",
+    "A2", "Classifier", "ClientData", "Objective", "PackedClientData", "Regressor", "RoundResult", "ServerState",
+    "from_linen", "from_nnx", "init_server", "recalibrate_state", "server_update", "Recovery", "adaptive_recovery", "federaser", "fedrecover", "finetune_baseline", "recovery", "suite", "Compressor", "D4", "E8", "FedConfig", "History", "HistoryFileError", "Lattice", "Message", "QuantizerSpec",
     "Stats", "Z", "attacks", "baselines", "chain", "check_updates", "client_mesh", "compressor_key", "corrected_replay", "data", "dequantize",
     "differential_threshold", "error_feedback", "fed_round", "fed_rounds", "finetune", "get_lattice", "rebuild_error", "identity", "lattice_coding", "load_history", "medu",
     "metrics", "models", "pack_bits", "quantize", "replay", "rum", "s3t", "save_history", "shard_clients", "store", "train", "unlearn", "unpack_bits", "user_sparsification", "zoga",

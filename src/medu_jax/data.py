@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medu_jax.fedavg import ClientData
+from medu_jax.fedavg import ClientData, PackedClientData
 
 
 class Dataset(NamedTuple):
@@ -151,24 +151,75 @@ def partition_dirichlet(labels: np.ndarray, num_clients: int, alpha: float, key:
     return [np.sort(np.asarray(s, np.int64)) for s in shards]
 
 
+def _label_dtype(y: np.ndarray):
+    """int32 for integer labels (classification), float32 for real targets (regression)."""
+    y = np.asarray(y)
+    if np.issubdtype(y.dtype, np.integer) or y.dtype == bool:
+        return np.int32
+    if np.issubdtype(y.dtype, np.floating):
+        return np.float32
+    raise TypeError(f"labels must be integers or real numbers, got dtype {y.dtype}")
+
+
 def to_client_data(x: np.ndarray, y: np.ndarray, shards: list[np.ndarray]) -> ClientData:
-    """Pads client shards to a common length into static-shaped ClientData (n holds the true counts)."""
+    """Pads client shards to a common length into static-shaped ClientData (n holds the true counts). Labels
+    keep their kind: integers become int32, real targets float32 (see ``from_clients`` for no padding)."""
+    x, y = np.asarray(x), np.asarray(y)
     n = np.asarray([len(s) for s in shards], np.int32)
     n_max = max(int(n.max()), 1)
     xs = np.zeros((len(shards), n_max, *x.shape[1:]), np.float32)
-    ys = np.zeros((len(shards), n_max), np.int32)
+    ys = np.zeros((len(shards), n_max, *y.shape[1:]), _label_dtype(y))
     for k, s in enumerate(shards):
         xs[k, : len(s)], ys[k, : len(s)] = x[s], y[s]
     return ClientData(jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(n))
 
 
-def make_clients(ds: Dataset, num_clients: int, seed: int = 0, alpha: float | None = None) -> ClientData:
-    """Splits a data set's training part over clients: IID (alpha None) or Dirichlet(alpha)."""
+def make_clients(ds, num_clients: int, seed: int = 0, alpha: float | None = None,
+                 packed: bool = False) -> ClientData | PackedClientData:
+    """Splits a data set's training part (a ``Dataset`` or a tuple (x, y)) over clients: IID (alpha None) or
+    Dirichlet(alpha), padded (``ClientData``) or, with ``packed``, without padding (``PackedClientData``)."""
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+    x, y = (ds.x_train, ds.y_train) if isinstance(ds, Dataset) else _pair(ds, "make_clients")
     key = jax.random.fold_in(jax.random.key(seed), 7)
     if alpha is None:
-        shards = partition_iid(len(ds.y_train), num_clients, key)
+        shards = partition_iid(len(y), num_clients, key)
     else:
-        shards = partition_dirichlet(ds.y_train, num_clients, alpha, key)
-    return to_client_data(ds.x_train, ds.y_train, shards)
+        shards = partition_dirichlet(y, num_clients, alpha, key)
+    if packed:
+        return from_clients([(x[s], y[s]) for s in shards])
+    return to_client_data(x, y, shards)
+
+
+def _pair(xy, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) as NumPy arrays, checked to hold the same number of samples."""
+    if not isinstance(xy, (tuple, list)) or len(xy) != 2:
+        raise TypeError(f"{what}: expected (x, y) arrays, got {type(xy).__name__}")
+    x, y = np.asarray(xy[0]), np.asarray(xy[1])
+    if x.shape[:1] != y.shape[:1]:
+        raise ValueError(f"{what}: x has {x.shape[:1]} samples, y {y.shape[:1]}")
+    return x, y
+
+
+def from_clients(clients) -> PackedClientData:
+    """Client data already split per client, without padding: a list of (x, y) pairs (client k = position k)
+    or a dict {name: (x, y)} (clients in the dict's order). Arrays are anything NumPy reads: NumPy, JAX, a
+    Hugging Face dataset's columns (``ds.with_format("numpy")``), ``tfds.as_numpy`` batches. Samples are stored
+    back to back (memory = the samples themselves; the padded ``ClientData`` holds n_max per client)."""
+    items = list(clients.values()) if isinstance(clients, dict) else list(clients)
+    if not items:
+        raise ValueError("from_clients: no clients")
+    pairs = [_pair(c, f"from_clients (client {i})") for i, c in enumerate(items)]
+    shapes = {(x.shape[1:], y.shape[1:]) for x, y in pairs}
+    if len(shapes) > 1:
+        raise ValueError(f"from_clients: clients' samples differ in shape: {sorted(shapes)}")
+    kinds = {_label_dtype(y) for _, y in pairs if len(y)}
+    if len(kinds) > 1:
+        raise TypeError("from_clients: some clients have integer labels, others real ones")
+    n = np.asarray([len(y) for _, y in pairs], np.int32)
+    offset = np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int32)
+    x = np.concatenate([x for x, _ in pairs]).astype(np.float32)
+    y = np.concatenate([y for _, y in pairs]).astype(kinds.pop() if kinds else np.int32)
+    if not len(y):
+        raise ValueError("from_clients: no client has a sample")
+    return PackedClientData(jnp.asarray(x), jnp.asarray(y), jnp.asarray(n), jnp.asarray(offset))

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from medu_jax.compressors import Compressor, tree_where
 from medu_jax.dither import hash_bits
 from medu_jax.history import History, Selection, compressor_key
+from medu_jax.objectives import as_objective, state_mean
 from medu_jax.recording import Recorder, rel_error
 
 PyTree = Any
@@ -106,6 +107,46 @@ class ClientData(NamedTuple):
     def num_clients(self) -> int:
         return int(self.x.shape[0])
 
+    @property
+    def padding_overhead(self) -> float:
+        """Sample slots held over samples owned: n_max K / sum n (1.0: no padding)."""
+        return float(self.x.shape[0] * self.x.shape[1]) / max(int(np.sum(np.asarray(self.n))), 1)
+
+
+class PackedClientData(NamedTuple):
+    """Per-client data without padding: every client's samples back to back, x (N, ...), y (N, ...), client k
+    owning rows offset[k] .. offset[k] + n[k] - 1. Trains with the same bits as the padded ``ClientData`` of the
+    same samples (a client's batch indices are shifted by its offset); see ``data.from_clients``."""
+
+    x: jax.Array
+    y: jax.Array
+    n: jax.Array
+    offset: jax.Array
+
+    @property
+    def num_clients(self) -> int:
+        return int(self.n.shape[0])
+
+    @property
+    def padding_overhead(self) -> float:
+        """Sample slots held over samples owned (1.0 up to the empty tail, if any)."""
+        return float(self.x.shape[0]) / max(int(np.sum(np.asarray(self.n))), 1)
+
+    def client(self, k: int) -> tuple[jax.Array, jax.Array]:
+        """Client k's (x, y)."""
+        o, n = int(self.offset[k]), int(self.n[k])
+        return self.x[o:o + n], self.y[o:o + n]
+
+    def to_padded(self) -> ClientData:
+        """The same samples padded to the largest client (what attacks and the suite's tools take)."""
+        n = np.asarray(self.n)
+        n_max, x, y = max(int(n.max(initial=0)), 1), np.asarray(self.x), np.asarray(self.y)
+        xs = np.zeros((len(n), n_max, *x.shape[1:]), x.dtype)
+        ys = np.zeros((len(n), n_max, *y.shape[1:]), y.dtype)
+        for k, o in enumerate(np.asarray(self.offset)):
+            xs[k, :n[k]], ys[k, :n[k]] = x[o:o + n[k]], y[o:o + n[k]]
+        return ClientData(jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(n))
+
 
 @dataclasses.dataclass(frozen=True)
 class FedConfig:
@@ -175,18 +216,31 @@ def batch_indices(key: jax.Array, n: jax.Array, local_steps: int, batch_size: in
     return mulhi32(words, n).astype(jnp.int32).reshape(local_steps, batch_size)
 
 
-def local_update(apply_fn, tx, params, x, y, n, key, local_steps: int, batch_size: int) -> PyTree:
-    """One client's update w_k - w after ``local_steps`` optax steps on batches from its first n samples."""
+def local_update(model, tx, params, x, y, n, key, local_steps: int, batch_size: int, state: PyTree = None,
+                 offset=0):
+    """One client's local training: ``local_steps`` optax steps of the objective's loss (``objectives``; a
+    plain apply function is a ``Classifier``) on batches from its first n samples. Returns (update w_k - w, the
+    client's new model state, its mean loss over the steps, its mean metrics). Step s gets the rng
+    fold_in(fold_in(key, 1), s); the batches come from ``key`` itself, so a model that draws no randomness
+    trains with the same bits as before rngs existed. ``offset``: where the client's samples start in x and y
+    (packed data)."""
+    obj = as_objective(model)
+    state = {} if state is None else state
+    step_key = jax.random.fold_in(key, 1)
 
-    def step(carry, idx):
-        p, o = carry
-        g = jax.grad(functools.partial(cross_entropy, apply_fn))(p, x[idx], y[idx])
+    def step(carry, xs):
+        p, o, st = carry
+        s, idx = xs
+        (loss, (st, metrics)), g = jax.value_and_grad(obj.loss, has_aux=True)(
+            p, st, (x[idx], y[idx]), jax.random.fold_in(step_key, s))
         upd, o = tx.update(g, o, p)
-        return (optax.apply_updates(p, upd), o), None
+        return (optax.apply_updates(p, upd), o, st), (loss, metrics)
 
-    idx = batch_indices(key, n, local_steps, batch_size)  # step s trains on row s
-    (p, _), _ = jax.lax.scan(step, (params, tx.init(params)), idx)
-    return jax.tree.map(lambda a, b: a - b, p, params)
+    idx = batch_indices(key, n, local_steps, batch_size) + offset  # step s trains on row s
+    (p, _, state), (losses, metrics) = jax.lax.scan(step, (params, tx.init(params), state),
+                                                    (jnp.arange(local_steps), idx))
+    mean = lambda v: jnp.mean(v.astype(jnp.float32))  # noqa: E731
+    return jax.tree.map(lambda a, b: a - b, p, params), state, mean(losses), jax.tree.map(mean, metrics)
 
 
 def participants(key: jax.Array, num_clients: int, fraction: float) -> jax.Array:
@@ -206,18 +260,42 @@ def client_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), (CLIENTS,))
 
 
-def shard_clients(data: ClientData, mesh: Mesh) -> ClientData:
-    """Places ClientData with its client axis split over the mesh's 'clients' axis."""
+def shard_clients(data: ClientData | PackedClientData, mesh: Mesh) -> ClientData | PackedClientData:
+    """Places client data with its client axis split over the mesh's 'clients' axis (packed data: the samples
+    replicated, the per-client counts and offsets split)."""
     n_dev = mesh.shape[CLIENTS]
     if data.num_clients % n_dev:
         raise ValueError(f"{data.num_clients} clients cannot be split evenly over {n_dev} devices: use a multiple "
                          f"of {n_dev} clients (clients with n = 0 are allowed as padding) or fewer devices")
+    if isinstance(data, PackedClientData):
+        rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P(CLIENTS))
+        return PackedClientData(*jax.device_put((data.x, data.y), rep), *jax.device_put((data.n, data.offset), split))
     return jax.device_put(data, NamedSharding(mesh, P(CLIENTS)))
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "tx", "cfg", "mesh"))
-def fed_round(apply_fn, tx, cfg: FedConfig, params, data: ClientData, t, exclude, update_scale, mesh: Mesh | None = None):
-    """One FedAvg round. Returns (new params, updates (K, ...), active (K,), rejected (K,)).
+class RoundResult(NamedTuple):
+    """One FedAvg round (``fed_round``): the new global params (FedAvg's step, server_lr times the mean), the
+    clients' updates (K, ...), active / rejected (K,) masks, the server's new model state, the clients'
+    weighted mean loss and metrics, and the weighted mean update (what a server optimizer consumes)."""
+
+    params: PyTree
+    updates: PyTree
+    active: jax.Array
+    rejected: jax.Array
+    model_state: PyTree
+    loss: jax.Array
+    metrics: dict
+    mean_update: PyTree
+
+
+def _static(cfg: FedConfig) -> FedConfig:
+    """The part of a config that shapes the compiled program: seed and server_lr travel as traced arrays."""
+    return dataclasses.replace(cfg, seed=0, server_lr=1.0)
+
+
+def fed_round(model, tx, cfg: FedConfig, params, data: ClientData, t, exclude, update_scale, mesh: Mesh | None = None,
+              model_state: PyTree = None) -> RoundResult:
+    """One FedAvg round of ``model`` (an objective, or an apply function trained as a ``Classifier``).
 
     Updates of excluded, non-participating or empty clients are zero and inactive. A client whose update holds
     NaN/inf is rejected: left out of the aggregate and of the history (so it cannot poison either), and
@@ -227,60 +305,136 @@ def fed_round(apply_fn, tx, cfg: FedConfig, params, data: ClientData, t, exclude
     the tree's first j levels run on each device and only one d-sized sum per device is gathered (otherwise the
     weighted updates are). A sharded run has the same bits as one device running the clients in chunks of
     K / devices (``client_chunk``); XLA does not promise equal bits for local training at different batch
-    sizes, so plain vmap over all K may differ in the last bits.
+    sizes, so plain vmap over all K may differ in the last bits. The seed and server_lr are traced: a new value
+    does not recompile.
     """
+    model_state = {} if model_state is None else model_state
+    return _fed_round(as_objective(model), tx, _static(cfg), params, data, t, exclude, update_scale, mesh,
+                      model_state, jnp.uint32(cfg.seed), jnp.float32(cfg.server_lr))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "tx", "cfg", "mesh"))
+def _fed_round(model, tx, cfg, params, data, t, exclude, update_scale, mesh, model_state, seed, server_lr):
+    return _round(model, tx, cfg, params, data, t, exclude, update_scale, mesh, model_state, seed, server_lr)
+
+
+def _round(model, tx, cfg: FedConfig, params, data: ClientData, t, exclude, update_scale, mesh, model_state, seed,
+           server_lr) -> RoundResult:
+    """``fed_round``'s body (traced inside ``fed_rounds``' scan too)."""
     k = data.num_clients
-    rk = jax.random.fold_in(jax.random.key(cfg.seed), t)
+    rk = jax.random.fold_in(jax.random.key(seed), t)
     part = participants(jax.random.fold_in(rk, 0), k, cfg.participation) & ~exclude & (data.n > 0)
     ck = jax.random.fold_in(rk, 1)
     keys = jax.vmap(lambda u: jax.random.fold_in(ck, u))(jnp.arange(k))
 
-    def clients(p, args):  # the clients of one device: vmapped, or lax.map in chunks of client_chunk
+    packed = isinstance(data, PackedClientData)
+
+    def clients(p, shared, args):  # the clients of one device: vmapped, or lax.map in chunks of client_chunk
         def one(a):
+            if packed:  # the samples are shared; a client reads its rows from its offset
+                n, kk, off = a
+                return local_update(model, tx, p, *shared, n, kk, cfg.local_steps, cfg.batch_size, model_state, off)
             x, y, n, kk = a
-            return local_update(apply_fn, tx, p, x, y, n, kk, cfg.local_steps, cfg.batch_size)
+            return local_update(model, tx, p, x, y, n, kk, cfg.local_steps, cfg.batch_size, model_state)
 
         return jax.vmap(one)(args) if cfg.client_chunk is None else jax.lax.map(one, args, batch_size=cfg.client_chunk)
 
-    def checked(ups, scale, part):  # per client: scale, reject non-finite, zero the inactive
+    def checked(out, scale, part):  # per client: scale, reject non-finite, zero the inactive
+        ups, states, losses, metrics = out
         kk = scale.shape[0]
         ups = jax.tree.map(lambda u: u * scale.reshape((kk,) + (1,) * (u.ndim - 1)).astype(u.dtype), ups)
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(u.reshape(kk, -1)), axis=1) for u in jax.tree.leaves(ups)]), 0)
         active = part & finite
-        return tree_where(active, ups, jax.tree.map(jnp.zeros_like, ups)), active, part & ~finite
+        ups = tree_where(active, ups, jax.tree.map(jnp.zeros_like, ups))
+        return ups, active, part & ~finite, (states, losses, metrics)
 
-    def step(p, agg):
-        return jax.tree.map(lambda a, b: a + (cfg.server_lr * b).astype(a.dtype), p, agg)
+    def finish(mean, ups, active, rejected, aux):  # the server's side: FedAvg's step, state and loss means
+        states, losses, metrics = aux
+        w = _normalized(data.n.astype(jnp.float32), active)
+        new = jax.tree.map(lambda a, b: a + (server_lr * b).astype(a.dtype), params, mean)
+        wmean = lambda v: jnp.tensordot(w, v.astype(jnp.float32), axes=1)  # noqa: E731
+        return RoundResult(new, ups, active, rejected, state_mean(states, model_state, w), wmean(losses),
+                           jax.tree.map(wmean, metrics), mean)
 
-    args = (data.x, data.y, data.n, keys)
+    shared, args = ((data.x, data.y), (data.n, keys, data.offset)) if packed else ((), (data.x, data.y, data.n, keys))
     if mesh is None:
-        ups, active, rejected = checked(clients(params, args), update_scale, part)
+        ups, active, rejected, aux = checked(clients(params, shared, args), update_scale, part)
         total = pairwise_sum(_flat_weighted(data.n.astype(jnp.float32) * active, ups))
-        return step(params, _mean_from_sum(total, ups)), ups, active, rejected
+        return finish(_mean_from_sum(total, ups), ups, active, rejected, aux)
 
-    def device(p, a, scale, part_l):  # one device: its K / D clients, whose updates stay there
-        _, _, n_l, _ = a
-        ups, active_l, rejected = checked(clients(p, a), scale, part_l)
+    def device(p, shared, a, scale, part_l):  # one device: its K / D clients, whose updates stay there
+        n_l = a[0] if packed else a[2]
+        ups, active_l, rejected, aux = checked(clients(p, shared, a), scale, part_l)
         rows = _flat_weighted(n_l.astype(jnp.float32) * active_l, ups)
         if rows.shape[0] & (rows.shape[0] - 1) == 0:  # 2^j clients per device: the pairwise tree's first j
             total = pairwise_sum(jax.lax.all_gather(pairwise_sum(rows), CLIENTS))  # levels are device-local
         else:
             total = pairwise_sum(jax.lax.all_gather(rows, CLIENTS, tiled=True))
-        return step(p, _mean_from_sum(total, ups)), ups, active_l, rejected
+        return _mean_from_sum(total, ups), ups, active_l, rejected, aux
 
     # check_vma=False: with the varying-axes check on, jax 0.10 computed wrong local updates (random ops)
     c = P(CLIENTS)
-    return jax.shard_map(device, mesh=mesh, in_specs=(P(), c, c, c), out_specs=(P(), c, c, c), check_vma=False)(
-        params, args, update_scale, part)
+    mean, ups, active, rejected, aux = jax.shard_map(
+        device, mesh=mesh, in_specs=(P(), P(), c, c, c), out_specs=(P(), c, c, c, c), check_vma=False)(
+        params, shared, args, update_scale, part)
+    return finish(mean, ups, active, rejected, aux)
+
+
+class ServerState(NamedTuple):
+    """The server between rounds: what ``init_server`` makes and ``fed_rounds`` advances. ``round`` is the next
+    round's index; ``seed`` and ``server_lr`` are arrays, so a new value does not recompile."""
+
+    params: PyTree
+    model_state: PyTree
+    opt_state: PyTree  # the server optimizer's state (() for FedAvg's plain step)
+    round: jax.Array
+    seed: jax.Array
+    server_lr: jax.Array
+
+
+def init_server(params0: PyTree, cfg: FedConfig, model_state: PyTree = None,
+                server_tx: optax.GradientTransformation | None = None, start_round: int = 0) -> ServerState:
+    """The server before round ``start_round``: params0, the model state, the server optimizer's initial state."""
+    return ServerState(params0, {} if model_state is None else model_state,
+                       () if server_tx is None else server_tx.init(params0), jnp.int32(start_round),
+                       jnp.uint32(cfg.seed), jnp.float32(cfg.server_lr))
+
+
+def recalibrate_state(model, params: PyTree, model_state: PyTree, data: ClientData, cfg: FedConfig,
+                      exclude: Iterable[int] = (), t: int | None = None) -> PyTree:
+    """The model state (BatchNorm statistics) at ``params``, recomputed by the clients not in ``exclude``: one
+    round of their local steps in training mode with the parameters held fixed, the new states averaged as in
+    training. For a server-only unlearned model, whose state the history cannot give. Round key t (default
+    cfg.rounds, after training's)."""
+    k = data.num_clients
+    excl = jnp.asarray(user_mask(exclude, k, "exclude"))
+    t = cfg.rounds if t is None else int(t)
+    return fed_round(model, optax.set_to_zero(), cfg, params, data, t, excl, jnp.ones((k,), jnp.float32),
+                     model_state=model_state).model_state
+
+
+def server_update(server_tx, params: PyTree, opt_state: PyTree, mean_update: PyTree, server_lr) -> tuple:
+    """The server's step on the clients' weighted mean update: FedAvg's w + server_lr * mean (``server_tx``
+    None), or any optax transform fed the pseudo-gradient -mean (FedOpt, Reddi et al. 2021: ``optax.sgd(lr,
+    momentum)`` is FedAvgM, ``optax.adam`` FedAdam, ``optax.yogi`` FedYogi). Returns (params, opt_state)."""
+    if server_tx is None:
+        return jax.tree.map(lambda a, b: a + (server_lr * b).astype(a.dtype), params, mean_update), opt_state
+    upd, opt_state = server_tx.update(jax.tree.map(jnp.negative, mean_update), opt_state, params)
+    return optax.apply_updates(params, upd), opt_state
 
 
 class TrainResult(NamedTuple):
-    """Outcome of ``train``: final params, one History per compressor, per-round log, wall time (s)."""
+    """Outcome of ``train``: final params, one History per compressor, per-round log (loss, rejected clients,
+    the compressors' overloads and errors), wall time (s), the model state (e.g. BatchNorm statistics), and
+    the server and compressor states a later ``train(start=result)`` continues from."""
 
     params: PyTree
     histories: dict
     log: dict
     seconds: float
+    model_state: PyTree = None
+    server: ServerState | None = None
+    codec_states: dict | None = None
 
 
 class RoundOutputs(NamedTuple):
@@ -292,29 +446,52 @@ class RoundOutputs(NamedTuple):
     overload: tuple  # per compressor: (B,) int32 overloaded lattice blocks
     rel_error: tuple  # per compressor: (B,) float32 sum ||decoded - update||^2 / sum ||update||^2
     updates: PyTree  # the (B, K, ...) updates when asked for (host-side selections), else None
+    loss: jax.Array = None  # (B,) the active clients' weighted mean training loss
+    metrics: dict = None  # the objective's metrics, (B,) each, weighted like the loss
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "tx", "cfg", "mesh", "compressors", "length", "with_updates"))
-def fed_rounds(apply_fn, tx, cfg: FedConfig, params, data: ClientData, t0, exclude, update_scale, states: tuple,
-               compressors: tuple = (), length: int = 1, mesh: Mesh | None = None, with_updates: bool = False):
-    """Rounds t0 .. t0 + length - 1 as one ``lax.scan``: each runs ``fed_round`` and encodes its updates with
-    every compressor (closed-loop ``states`` carried). Returns (params, states, RoundOutputs stacked over the
-    rounds). One compiled call per block instead of one per round, with the same bits as round by round."""
+def fed_rounds(model, tx, cfg: FedConfig, server: ServerState, data: ClientData, exclude=None, update_scale=None,
+               states: tuple = (), compressors: tuple = (), length: int = 1, mesh: Mesh | None = None,
+               with_updates: bool = False, server_tx: optax.GradientTransformation | None = None):
+    """The round-by-round API: rounds server.round .. server.round + length - 1 as one compiled ``lax.scan``;
+    each runs ``fed_round``, the server's step (``server_update`` with ``server_tx``) and encodes the updates with
+    every compressor (closed-loop ``states`` carried). Returns (server, states, RoundOutputs stacked over the
+    rounds). Any split of the rounds into calls gives the same bits: round t's randomness depends on (seed, t)
+    only. ``exclude`` (K,) bool and ``update_scale`` (K,) default to nobody and 1.
 
-    def body(carry, t):
-        p, sts = carry
-        p, ups, active, rejected = fed_round(apply_fn, tx, cfg, p, data, t, exclude, update_scale, mesh)
+        server = mj.init_server(params0, cfg)
+        server, _, out = mj.fed_rounds(model, tx, cfg, server, data)          # one round
+        server, _, out = mj.fed_rounds(model, tx, cfg, server, data, length=9)  # nine more
+    """
+    k = data.num_clients
+    exclude = jnp.zeros((k,), bool) if exclude is None else jnp.asarray(exclude, bool)
+    update_scale = jnp.ones((k,), jnp.float32) if update_scale is None else jnp.asarray(update_scale, jnp.float32)
+    return _fed_rounds(as_objective(model), tx, _static(cfg), server, data, exclude, update_scale, tuple(states),
+                       tuple(compressors), int(length), mesh, bool(with_updates), server_tx)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "tx", "cfg", "mesh", "compressors", "length", "with_updates",
+                                             "server_tx"))
+def _fed_rounds(model, tx, cfg: FedConfig, server: ServerState, data: ClientData, exclude, update_scale,
+                states: tuple, compressors: tuple, length: int, mesh, with_updates: bool, server_tx):
+    def body(carry, _):
+        srv, sts = carry
+        r = _round(model, tx, cfg, srv.params, data, srv.round, exclude, update_scale, mesh, srv.model_state,
+                   srv.seed, srv.server_lr)
+        params, opt = (r.params, srv.opt_state) if server_tx is None else \
+            server_update(server_tx, srv.params, srv.opt_state, r.mean_update, srv.server_lr)
         msgs, new, over, err = [], [], [], []
         for comp, st in zip(compressors, sts):
-            msg, st, _, _, stats = comp.encode(ups, st, compressor_key(cfg.seed, t), active)
+            msg, st, _, _, stats = comp.encode(r.updates, st, compressor_key(srv.seed, srv.round), r.active)
             msgs.append(msg), new.append(st), over.append(stats.overload)
             err.append(rel_error(stats))
-        out = RoundOutputs(active, rejected, tuple(msgs), tuple(over), tuple(err), ups if with_updates else None)
-        return (p, tuple(new)), out
+        out = RoundOutputs(r.active, r.rejected, tuple(msgs), tuple(over), tuple(err),
+                           r.updates if with_updates else None, r.loss, r.metrics)
+        return (srv._replace(params=params, model_state=r.model_state, opt_state=opt, round=srv.round + 1),
+                tuple(new)), out
 
-    ts = jnp.asarray(t0, jnp.int32) + jnp.arange(length, dtype=jnp.int32)
-    (params, states), out = jax.lax.scan(body, (params, tuple(states)), ts)
-    return params, states, out
+    (server, states), out = jax.lax.scan(body, (server, tuple(states)), None, length=length)
+    return server, states, out
 
 
 def _block_size(rounds_per_call: int | None, histories: list[History], remaining: int, per_round: bool,
@@ -399,7 +576,7 @@ def _open_stores(store: str, resume: bool, histories: dict, states: dict, params
 
 
 def train(
-    apply_fn: ApplyFn,
+    model,
     tx: optax.GradientTransformation,
     params0: PyTree,
     data: ClientData,
@@ -415,9 +592,20 @@ def train(
     mesh: Mesh | None = None,
     rounds_per_call: int | None = None,
     offload: bool = False,
+    *,
+    model_state: PyTree = None,
+    server_tx: optax.GradientTransformation | None = None,
+    start: "TrainResult | None" = None,
 ) -> TrainResult:
-    """Runs FedAvg and feeds every round's updates through each compressor into its own History.
+    """Runs federated training of ``model`` for rounds 0..cfg.rounds - 1 and feeds every round's updates
+    through each compressor into its own History.
 
+    ``model``: an objective (``objectives``: a loss and an evaluation function; ``linen`` / ``nnx`` adapters) or a
+    plain ``apply_fn(params, x) -> logits`` (softmax cross-entropy); ``model_state``: its non-trained state
+    (BatchNorm statistics), averaged over clients each round. ``server_tx``: the server optimizer on the mean
+    update (None: FedAvg's step cfg.server_lr; see ``server_update``). ``start``: a previous result of the same
+    run to continue from (its rounds, histories and states): ``train(cfg(rounds=3))`` then
+    ``train(cfg(rounds=5), start=...)`` has the same bits as one ``train(cfg(rounds=5))``.
     ``exclude`` lists users left out of the whole run (retrain-from-scratch); ``update_scale`` (K,) multiplies
     each client's update (scaled or sign-flipped update attacks, 1 for honest clients). With ``store`` (a
     folder) each history is also appended to ``store/<name>`` round by round with the training state, so a
@@ -432,30 +620,38 @@ def train(
     a store or a host-side selection runs them one by one. Any block size gives the same bits.
     """
     excl, scale = _client_masks(data, exclude, update_scale)
-    rec = Recorder(params0, data, cfg, dict(compressors or {}), dict(selections or {}))
-    storage = _Storage.open(store, resume, offload, rec, apply_fn, tx, params0, data, cfg, excl, scale)
+    if store is not None and (server_tx is not None or jax.tree.leaves(model_state)):
+        raise ValueError("store= keeps params and the compressors' states per round, not yet a server optimizer's "
+                         "or a model state: train without store, or with FedAvg's step and a stateless model")
+    rec = Recorder(params0, data, cfg, dict(compressors or {}), dict(selections or {}), server_tx, model_state)
+    server = init_server(params0, cfg, model_state, server_tx)
+    if start is not None:
+        server = rec.continue_from(start, cfg)
+    storage = _Storage.open(store, resume, offload, rec, model, tx, params0, data, cfg, excl, scale)
     try:  # a store's lock is held until the run ends, however it ends
-        params, t0 = storage.params, storage.t0
+        if storage.writers:
+            server = server._replace(params=storage.params, round=jnp.int32(storage.t0))
+        t0 = int(server.round)
         block = _block_size(rounds_per_call, rec.scanned_histories, max(cfg.rounds - t0, 1),
                             rec.per_round or bool(storage.writers), progress)
         bar = _progress_bar(progress, desc, cfg.rounds - t0)
-        start = time.perf_counter()
+        start_time = time.perf_counter()
         data = data if mesh is None else shard_clients(data, mesh)
         for t in range(t0, cfg.rounds, block):
-            n, prev = min(block, cfg.rounds - t), params
-            params, states, out = fed_rounds(apply_fn, tx, cfg, params, data, t, jnp.asarray(excl),
-                                             jnp.asarray(scale), rec.scanned_states, rec.scanned_compressors, n, mesh,
-                                             rec.per_round)
+            n, prev = min(block, cfg.rounds - t), server.params
+            server, states, out = fed_rounds(model, tx, cfg, server, data, excl, scale, rec.scanned_states,
+                                             rec.scanned_compressors, n, mesh, rec.per_round, server_tx)
             for name, round_id, record in rec.record_block(t, n, states, out, storage.offloaded):
-                storage.write(name, round_id, record, params, rec.states[name])
-            rec.record_selected(t, prev, params, out)
+                storage.write(name, round_id, record, server.params, rec.states[name])
+            rec.record_selected(t, prev, server.params, out)
             bar.update(n)
         bar.close()
         rec.warn_if_idle(data, excl, t0, cfg.rounds)
-        rec.warn_if_diverged(params0, params)
+        rec.warn_if_diverged(params0, server.params)
         storage.finish(rec.histories)
-        jax.block_until_ready(params)
-        return TrainResult(params, rec.histories, rec.log, time.perf_counter() - start)
+        jax.block_until_ready(server.params)
+        return TrainResult(server.params, rec.histories, rec.log, time.perf_counter() - start_time,
+                           server.model_state, server, dict(rec.states))
     finally:
         storage.release()
 
@@ -495,7 +691,7 @@ class _Storage:
         self.offloaded = frozenset(writers) if offload else frozenset()
 
     @classmethod
-    def open(cls, store, resume, offload, rec: Recorder, apply_fn, tx, params0, data, cfg, excl, scale):
+    def open(cls, store, resume, offload, rec: Recorder, model, tx, params0, data, cfg, excl, scale):
         if offload and store is None:
             raise ValueError("offload=True keeps the histories on disk only: it needs store=")
         if store is None:
@@ -504,7 +700,8 @@ class _Storage:
             raise ValueError(f"resume=True needs full histories only; {rec.partial} have a Selection")
         from medu_jax.store import describe_run
 
-        run = describe_run(apply_fn, tx, params0, data, cfg, excl, scale)
+        obj = as_objective(model)
+        run = describe_run(lambda p, x: obj.apply(p, {}, x), tx, params0, data, cfg, excl, scale)
         full = {n: rec.histories[n] for n in rec.scanned}  # selective histories stay in memory (save_history after)
         return cls(*_open_stores(store, resume, full, rec.states, params0, cfg, offload, run), offload)
 

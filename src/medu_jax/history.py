@@ -101,6 +101,11 @@ class History:
       records: one compact record per kept round (with its training round index, and with the global model
         before that round when the selection keeps checkpoints).
       selection: which rounds and users this history keeps (all, by default).
+      server_tx: the run's server optimizer (an optax transform on the mean update, see
+        ``fedavg.server_update``); None for FedAvg's step server_lr * mean, the only one replay keeps linear.
+        Not written to a store (train refuses store= with a server optimizer).
+      model_state0: the model's initial non-trained state (BatchNorm statistics; None: a stateless model),
+        which recovery's exact rounds start from.
     """
 
     compressor: Compressor
@@ -111,6 +116,8 @@ class History:
     server_lr: float = 1.0
     records: list = dataclasses.field(default_factory=list)
     selection: "Selection" = dataclasses.field(default_factory=lambda: Selection())
+    server_tx: Any = None
+    model_state0: Any = None
 
     @property
     def num_users(self) -> int:

@@ -10,19 +10,38 @@ import jax.numpy as jnp
 import numpy as np
 
 from medu_jax.attacks import add_trigger
+from medu_jax.objectives import as_objective
 from medu_jax.trees import relative_distance, tree_distance  # noqa: F401  (re-exported: the evaluation API)
 
 PyTree = Any
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn",))
-def _predict(apply_fn: Callable, params: PyTree, x: jax.Array) -> jax.Array:
-    return jnp.argmax(apply_fn(params, x), axis=-1)
+def outputs(model, params: PyTree, x, state: PyTree = None) -> jax.Array:
+    """The model's evaluation-mode outputs on ``x``: ``model`` is an objective (``objectives``, e.g. with
+    BatchNorm statistics in ``state``) or a plain apply function."""
+    return _outputs(as_objective(model), params, {} if state is None else state, jnp.asarray(x))
 
 
-def accuracy(apply_fn: Callable, params: PyTree, x, y) -> float:
-    """Fraction of samples classified correctly."""
-    return float(np.mean(np.asarray(_predict(apply_fn, params, jnp.asarray(x))) == np.asarray(y)))
+@functools.partial(jax.jit, static_argnames=("model",))
+def _outputs(model, params: PyTree, state: PyTree, x: jax.Array) -> jax.Array:
+    return model.apply(params, state, x)
+
+
+def _predict(apply_fn, params: PyTree, x: jax.Array, state: PyTree = None) -> jax.Array:
+    return jnp.argmax(outputs(apply_fn, params, x, state), axis=-1)
+
+
+def accuracy(apply_fn: Callable, params: PyTree, x, y, state: PyTree = None) -> float:
+    """Fraction of samples classified correctly (``apply_fn``: an apply function or an objective with its
+    model ``state``)."""
+    return float(np.mean(np.asarray(_predict(apply_fn, params, jnp.asarray(x), state)) == np.asarray(y)))
+
+
+def mean_squared_error(model, params: PyTree, x, y, state: PyTree = None) -> float:
+    """Mean squared error of a regression model's outputs ((N,) or (N, 1)) against targets y (N,)."""
+    out = np.asarray(outputs(model, params, x, state), np.float64)
+    y = np.asarray(y, np.float64)
+    return float(np.mean((out.reshape(y.shape) - y) ** 2))
 
 
 def attack_success(apply_fn: Callable, params: PyTree, x, y, target: int, pixels: Iterable[int], value: float) -> float:
@@ -40,9 +59,8 @@ def flip_success(apply_fn: Callable, params: PyTree, x, y, source: int, target: 
     return float(np.mean(np.asarray(_predict(apply_fn, params, jnp.asarray(np.asarray(x)[keep]))) == target))
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn",))
-def _losses(apply_fn: Callable, params: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
-    logits = apply_fn(params, x).astype(jnp.float32)
+def _losses(apply_fn, params: PyTree, x: jax.Array, y: jax.Array) -> jax.Array:
+    logits = outputs(apply_fn, params, x).astype(jnp.float32)
     return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1)[:, 0]
 
 

@@ -4,6 +4,7 @@ compiled rounds, a ``Recorder`` and the stores."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
@@ -53,7 +54,8 @@ class Recorder:
     chosen and encoded on the host after each round (``partial``: the rounds then run one per call).
     """
 
-    def __init__(self, params0: PyTree, data, cfg, compressors: dict, selections: dict):
+    def __init__(self, params0: PyTree, data, cfg, compressors: dict, selections: dict, server_tx=None,
+                 model_state=None):
         k = data.num_clients
         unknown = sorted(set(selections) - set(compressors))
         if unknown:
@@ -63,11 +65,12 @@ class Recorder:
         self.states = {name: comp.init(like) for name, comp in compressors.items()}
         self.histories = {
             name: History(comp, self.states[name]["like"].value, cfg.seed, jax.device_get(params0),
-                          np.asarray(data.n, np.float32), cfg.server_lr)
+                          np.asarray(data.n, np.float32), cfg.server_lr, server_tx=server_tx,
+                          model_state0=model_state)
             for name, comp in compressors.items()}
         for name, sel in selections.items():
             self.histories[name].selection = sel
-        self.log = {"rejected": [], "overload": {n: [] for n in compressors}, "rel_error": {n: [] for n in compressors}}
+        self.log = {"loss": [], "rejected": [], "overload": {n: [] for n in compressors}, "rel_error": {n: [] for n in compressors}}
         self.partial = [n for n, h in self.histories.items() if not h.selection.keeps_all]
         self.scanned = tuple(n for n in compressors if n not in self.partial)
         self.per_round = bool(self.partial)  # a host-side choice after every round
@@ -96,12 +99,36 @@ class Recorder:
         self.entered += int(np.sum(host.active))
         for i in range(n):
             self.log["rejected"].append(np.flatnonzero(host.rejected[i]).tolist())
+            self.log["loss"].append(float(host.loss[i]))
             for j, name in enumerate(self.scanned):
                 record = self.histories[name].append(jax.tree.map(lambda a: a[i], host.messages[j]), t0 + i,
                                                      keep=name not in offloaded)
                 self.log["overload"][name].append(int(host.overload[j][i]))
                 self.log["rel_error"][name].append(float(host.rel_error[j][i]))
                 yield name, t0 + i, record
+
+    def continue_from(self, result, cfg):
+        """Takes over a previous ``train`` result of the same run (its histories, compressor states and log) and
+        returns its server state, so training continues where it stopped."""
+        if result.server is None or result.codec_states is None:
+            raise ValueError("start= needs a TrainResult returned by train")
+        if set(result.histories) != set(self.histories):
+            raise ValueError(f"start= holds histories {sorted(result.histories)}, this run {sorted(self.histories)}")
+        if int(result.server.seed) != cfg.seed or float(result.server.server_lr) != np.float32(cfg.server_lr):
+            raise ValueError("start= comes from a run with another seed or server_lr")
+        if int(result.server.round) > cfg.rounds:
+            raise ValueError(f"start= has run {int(result.server.round)} rounds, more than cfg.rounds={cfg.rounds}")
+        for name, hist in result.histories.items():
+            if hist.compressor != self.compressors[name] or hist.selection != self.histories[name].selection:
+                raise ValueError(f"start=: history {name!r} was recorded with another compressor or selection")
+        if self.partial:
+            raise ValueError(f"start= continues full histories only; {self.partial} have a Selection")
+        # copies: the earlier result keeps its own rounds
+        self.histories = {n: dataclasses.replace(h, records=list(h.records)) for n, h in result.histories.items()}
+        self.states = dict(result.codec_states)
+        self.log = {k: ({n: list(x) for n, x in v.items()} if isinstance(v, dict) else list(v))
+                    for k, v in result.log.items()}
+        return result.server
 
     def record_selected(self, t: int, prev: PyTree, params: PyTree, out) -> None:
         """Round ``t`` (a block of one) for the histories with a Selection: choose its users on the host, then

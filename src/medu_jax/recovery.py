@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from medu_jax.compressors import Compressor
-from medu_jax.fedavg import ClientData, FedConfig, check_user_ids, fed_round, fed_rounds, user_mask, weighted_mean
+from medu_jax.fedavg import (ClientData, FedConfig, check_user_ids, fed_round, fed_rounds, init_server, server_update,
+                             user_mask, weighted_mean)
 from medu_jax.history import History, compressor_key
 from medu_jax.trees import tree_norm
 from medu_jax.unlearn import _flat_users, _init_state, lbfgs_hvp
@@ -49,7 +50,9 @@ class Recovery(NamedTuple):
     client_steps: local optimizer steps the remaining clients ran; client_cost: that over retraining's local
     steps (``retrain_steps``); exact_rounds: rounds in which every remaining client computed; fixed_updates:
     single-client exact updates outside those rounds (abnormality fixing); dropped_estimates: abnormal estimates
-    left out of their round's aggregate because the client budget was spent (``adaptive_recovery`` only).
+    left out of their round's aggregate because the client budget was spent (``adaptive_recovery`` only);
+    model_state: the model's state (BatchNorm statistics) as the last round with client work aggregated it
+    (None for a stateless model and for the server-only methods: see ``fedavg.recalibrate_state``).
     """
 
     params: PyTree
@@ -58,6 +61,7 @@ class Recovery(NamedTuple):
     exact_rounds: int
     fixed_updates: int
     dropped_estimates: int = 0
+    model_state: PyTree = None
 
 
 def retrain_steps(data: ClientData, cfg: FedConfig, remove: Iterable[int]) -> float:
@@ -71,7 +75,7 @@ def retrain_steps(data: ClientData, cfg: FedConfig, remove: Iterable[int]) -> fl
 
 
 def _recovery(params, steps: int, data, cfg, remove, exact_rounds: int = 0, fixed: int = 0,
-              dropped: int = 0, start: PyTree = None, growth: float = 1e4) -> Recovery:
+              dropped: int = 0, start: PyTree = None, growth: float = 1e4, model_state: PyTree = None) -> Recovery:
     """The Recovery of ``params``: an error if it is non-finite, a warning if its norm grew more than
     ``growth``-fold over the model the method started from (``start``), e.g. a history whose trajectory diverged."""
     leaves = jax.tree.leaves(params)
@@ -84,7 +88,7 @@ def _recovery(params, steps: int, data, cfg, remove, exact_rounds: int = 0, fixe
                       "the history's trajectory may itself have diverged (see train's warning), and only "
                       "retraining can help then", RuntimeWarning, stacklevel=3)
     return Recovery(params, int(steps), steps / retrain_steps(data, cfg, remove), int(exact_rounds), int(fixed),
-                    int(dropped))
+                    int(dropped), model_state if jax.tree.leaves(model_state) else None)
 
 
 def _flat(tree: PyTree) -> jax.Array:
@@ -130,6 +134,34 @@ def _add_pairs(S, Y, count, s, y, mask):
 @jax.jit
 def _step(w_u, rows, mask, weights, lr):
     return w_u + lr * weighted_mean(rows, mask, weights)
+
+
+class _Server:
+    """One trajectory's server step in the flat form recovery works in: FedAvg's w + lr * mean (``_step``), or
+    the history's server optimizer (``server_update`` on the pytree, its state carried here)."""
+
+    def __init__(self, history: History, params: PyTree):
+        self.tx, self.lr, self.like = history.server_tx, history.server_lr, params
+        self.opt = () if self.tx is None else self.tx.init(params)
+        self.model_state = {} if history.model_state0 is None else history.model_state0
+
+    def step(self, flat: jax.Array, rows: jax.Array, mask, weights) -> jax.Array:
+        if self.tx is None:
+            return _step(flat, rows, mask, weights, self.lr)
+        mean = _unflat(weighted_mean(rows, mask, weights), self.like)
+        params, self.opt = _server_step(self.tx, _unflat(flat, self.like), self.opt, mean, jnp.float32(self.lr))
+        return _flat(params)
+
+    def after_round(self, start: PyTree, r) -> PyTree:
+        """The params after an exact round ``r`` (a ``fed_round`` result) from the model ``start`` it ran at."""
+        self.model_state = r.model_state
+        if self.tx is None:
+            return r.params
+        params, self.opt = _server_step(self.tx, start, self.opt, r.mean_update, jnp.float32(self.lr))
+        return params
+
+
+_server_step = jax.jit(server_update, static_argnums=0)
 
 
 @jax.jit
@@ -214,6 +246,7 @@ def _recover(history: History, remove, apply_fn, tx, data: ClientData, cfg: FedC
     k, d = history.num_users, w_o.shape[0]
     S, Y, count = jnp.zeros((k, memory, d)), jnp.zeros((k, memory, d)), jnp.zeros((k,), jnp.int32)
     state, steps, exact_rounds, fixed, dropped = _init_state(history.compressor, history.like), 0, 0, 0, 0
+    srv_u, srv_o = _Server(history, w_u), _Server(history, w_u)  # the recovered and the original trajectory
     full = retrain_steps(data, cfg, remove)
     anchor = None  # w_u - w at the last exact round (the adaptive trigger's reference)
     for i, t, msg in _messages(history):
@@ -228,29 +261,30 @@ def _recover(history: History, remove, apply_fn, tx, data: ClientData, cfg: FedC
             moved = float(jnp.linalg.norm(v - anchor) / jnp.maximum(jnp.linalg.norm(anchor), 1e-30))
             exact = moved > schedule.drift
         if exact:
-            new, ups, active, _ = fed_round(apply_fn, tx, cfg, w_u, data, t, excl, ones)
-            ex = _flat_users(ups)
+            r = fed_round(apply_fn, tx, cfg, w_u, data, t, excl, ones, model_state=srv_u.model_state)
+            ex, active = _flat_users(r.updates), r.active
             S, Y, count = _add_pairs(S, Y, count, v, stored - ex, active & valid & keep)
             steps += int(jnp.sum(active)) * cfg.local_steps
             exact_rounds += 1
             anchor = v
-            w_u = new
+            w_u = srv_u.after_round(w_u, r)
         else:
             est, abnormal = _estimate(flat_u, w_o, stored, valid, keep, S, Y, count, tau)
             n_ab = int(jnp.sum(abnormal))
             if n_ab and (steps + reserve + n_ab * cfg.local_steps) / full > schedule.budget:
                 valid, dropped = valid & ~abnormal, dropped + n_ab  # budget spent: leave abnormal estimates out
             elif n_ab:  # abnormality fixing: those clients compute their exact update
-                _, ups, active, _ = fed_round(apply_fn, tx, cfg, w_u, data, t, ~abnormal, ones)
-                ex = _flat_users(ups)
+                r = fed_round(apply_fn, tx, cfg, w_u, data, t, ~abnormal, ones, model_state=srv_u.model_state)
+                ex, active = _flat_users(r.updates), r.active
                 S, Y, count = _add_pairs(S, Y, count, v, stored - ex, active & valid)
                 est = jnp.where(active[:, None], ex, est)
                 n = int(jnp.sum(active))
                 steps, fixed = steps + n * cfg.local_steps, fixed + n
                 valid = valid & ~(abnormal & ~active)
-            w_u = _unflat(_step(flat_u, est, valid & keep, weights, history.server_lr), w_u)
-        w_o = _step(w_o, stored, stored_valid, weights, history.server_lr)  # the original trajectory
-    return _recovery(w_u, steps, data, cfg, remove, exact_rounds, fixed, dropped, start=history.params0)
+            w_u = _unflat(srv_u.step(flat_u, est, valid & keep, weights), w_u)
+        w_o = srv_o.step(w_o, stored, stored_valid, weights)  # the original trajectory
+    return _recovery(w_u, steps, data, cfg, remove, exact_rounds, fixed, dropped, start=history.params0,
+                     model_state=srv_u.model_state)
 
 
 def fedrecover(history: History, remove: Iterable[int], apply_fn, tx, data: ClientData, cfg: FedConfig,
@@ -297,13 +331,13 @@ def adaptive_recovery(history: History, remove: Iterable[int], apply_fn, tx, dat
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "tx", "cal_cfg"))
-def _calibrated_step(apply_fn, tx, cal_cfg: FedConfig, w, data, t, excl, ones, stored, valid, weights, lr):
-    """FedEraser's step: w + lr * weighted mean over remaining clients of |stored_k| * cal_k / |cal_k|."""
-    _, cal, active, _ = fed_round(apply_fn, tx, cal_cfg, w, data, t, excl, ones)
-    cal = _flat_users(cal)
+def _calibrated_rows(apply_fn, tx, cal_cfg: FedConfig, w, data, t, excl, ones, stored, model_state=None):
+    """FedEraser's calibrated updates |stored_k| * cal_k / |cal_k| of the remaining clients, who computed, and
+    the model state they aggregated."""
+    r = fed_round(apply_fn, tx, cal_cfg, w, data, t, excl, ones, model_state=model_state)
+    cal = _flat_users(r.updates)
     norm = jnp.linalg.norm(stored, axis=1) / jnp.maximum(jnp.linalg.norm(cal, axis=1), 1e-30)
-    agg = weighted_mean(cal * norm[:, None], valid & active & ~excl, weights)
-    return _unflat(_flat(w) + lr * agg, w), jnp.sum(active)
+    return cal * norm[:, None], r.active, r.model_state
 
 
 def calibrated_replay(history: History, remove, apply_fn, tx, data: ClientData, cfg: FedConfig, cal_steps: int,
@@ -315,18 +349,19 @@ def calibrated_replay(history: History, remove, apply_fn, tx, data: ClientData, 
         raise ValueError(f"{method}: cal_steps and every must be >= 1, got {cal_steps}, {every}")
     cal_cfg = dataclasses.replace(cfg, local_steps=int(cal_steps))
     weights = jnp.asarray(history.weights, jnp.float32)
-    state, steps, start_model = _init_state(history.compressor, history.like), 0, w
+    state, steps, start_model, srv = _init_state(history.compressor, history.like), 0, w, _Server(history, w)
     for i, t, msg in _messages(history):
         stored, valid, state = _decode(history.compressor, msg, state, compressor_key(history.seed, t))
         if i < start or (i - start) % every:
             continue
         if first_direct and i == start:  # the first round starts from w^0, untouched by the removed clients
-            w = _unflat(_step(_flat(w), stored, valid & ~excl, weights, history.server_lr), w)
+            w = _unflat(srv.step(_flat(w), stored, valid & ~excl, weights), w)
             continue
-        w, n = _calibrated_step(apply_fn, tx, cal_cfg, w, data, t, excl, ones, stored, valid, weights,
-                                history.server_lr)
-        steps += int(n) * int(cal_steps)
-    return _recovery(w, steps, data, cfg, remove, start=start_model)
+        rows, active, srv.model_state = _calibrated_rows(apply_fn, tx, cal_cfg, w, data, t, excl, ones, stored,
+                                                         srv.model_state)
+        w = _unflat(srv.step(_flat(w), rows, valid & active & ~excl, weights), w)
+        steps += int(jnp.sum(active)) * int(cal_steps)
+    return _recovery(w, steps, data, cfg, remove, start=start_model, model_state=srv.model_state)
 
 
 def federaser(history: History, remove: Iterable[int], apply_fn, tx, data: ClientData, cfg: FedConfig,
@@ -345,18 +380,19 @@ def federaser(history: History, remove: Iterable[int], apply_fn, tx, data: Clien
 
 
 def finetune_baseline(params: PyTree, remove: Iterable[int], apply_fn, tx, data: ClientData, cfg: FedConfig,
-                      rounds: int) -> Recovery:
+                      rounds: int, server_tx=None, model_state: PyTree = None) -> Recovery:
     """Fine-tuning the attacked model: ``rounds`` exact FedAvg rounds of the remaining clients from ``params``
-    (no history). Round keys continue after training's (t = cfg.rounds, ...)."""
+    (no history; ``server_tx`` starts afresh; ``model_state`` is the attacked model's). Round keys continue
+    after training's (t = cfg.rounds, ...)."""
     remove = list(remove)
     k = data.num_clients
     excl = jnp.asarray(user_mask(remove, k))
     if int(rounds) < 1:
         return _recovery(params, 0, data, cfg, remove)
-    out = fed_rounds(apply_fn, tx, cfg, params, data, cfg.rounds, excl, jnp.ones((k,), jnp.float32), (), (),
-                     int(rounds))
-    steps = int(np.sum(np.asarray(out[2].active))) * cfg.local_steps
-    return _recovery(out[0], steps, data, cfg, remove, start=params)
+    server = init_server(params, cfg, model_state, server_tx, start_round=cfg.rounds)
+    server, _, out = fed_rounds(apply_fn, tx, cfg, server, data, excl, length=int(rounds), server_tx=server_tx)
+    steps = int(np.sum(np.asarray(out.active))) * cfg.local_steps
+    return _recovery(server.params, steps, data, cfg, remove, start=params, model_state=server.model_state)
 
 
 def _naive(history, remove, apply_fn, tx, data, cfg, **kw) -> Recovery:

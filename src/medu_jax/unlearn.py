@@ -10,8 +10,9 @@ in one ``lax.scan``. Both work in chunks of rounds so only one chunk of expanded
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from medu_jax.compressors import Compressor, Message
-from medu_jax.fedavg import ClientData, FedConfig, fed_rounds, user_mask, weighted_mean
+from medu_jax.fedavg import ClientData, FedConfig, fed_rounds, init_server, server_update, user_mask, weighted_mean
 from medu_jax.history import History, compressor_key
 from medu_jax.trees import relative_distance
 
@@ -81,6 +82,19 @@ def _step_corrected(carry, decoded, valid, keep, weights, lr, hyper):
     return (new_u, (w_o + lr * g_all, S, Y, count, w_o, g_rem, t + 1))
 
 
+@dataclasses.dataclass(frozen=True)
+class _ServerStep:
+    """Naive replay's step through a server optimizer: the remaining users' weighted mean decoded update,
+    then ``fedavg.server_update`` (the carry is (params, optimizer state))."""
+
+    server_tx: Any
+
+    def __call__(self, carry, decoded, valid, keep, weights, lr, hyper):
+        w_u, opt = carry
+        mean = weighted_mean(decoded, valid & keep, weights)
+        return server_update(self.server_tx, w_u, opt, mean, lr)
+
+
 @functools.partial(jax.jit, static_argnames=("compressor", "step"))
 def _replay_chunk(compressor: Compressor, step, carry, state, messages: Message, rounds, keep, weights, seed, lr, hyper):
     # decoding inside the scan body, one round at a time, measured 2.4x faster on CPU than decoding the whole
@@ -111,22 +125,6 @@ def _default_chunk(history: History, budget_bytes: int = 256 << 20) -> int:
     return max(1, min(history.num_rounds, budget_bytes // max(per_round, 1)))
 
 
-def _segments(total: int, chunk: int, exact: frozenset) -> list[list[int]]:
-    """Record indices cut into scan chunks; each exact round is a segment of its own."""
-    out, cur = [], []
-    for i in range(total):
-        if i in exact:
-            out += [cur] if cur else []
-            out.append([i])
-            cur = []
-            continue
-        cur.append(i)
-        if len(cur) == chunk:
-            out.append(cur)
-            cur = []
-    return out + ([cur] if cur else [])
-
-
 def _setup(history: History, remove: Iterable[int], chunk: int | None) -> tuple[np.ndarray, np.ndarray, int]:
     """What every replay checks and derives first: (keep mask, float32 weights, rounds per chunk)."""
     if history.num_rounds == 0:
@@ -138,29 +136,23 @@ def _setup(history: History, remove: Iterable[int], chunk: int | None) -> tuple[
 
 
 def _replay(history: History, remove: Iterable[int], chunk: int | None, step, extra, hyper=(),
-            exact: tuple[frozenset, Callable] | None = None) -> PyTree:
-    """Replays the records in scan chunks; ``exact`` = (record indices, fn(w, round) -> w) replaces the model
-    after those rounds by an exact round of the remaining users (FedRecover's warm-up and periodic rounds)."""
+            pad_chunks: bool = True) -> PyTree:
+    """Replays the records round by round with ``step`` (carry: (params, ``extra``)) in scan chunks of ``chunk``
+    rounds; the last chunk is padded with inactive rounds (one compiled program) unless ``pad_chunks`` is off."""
     keep, weights, chunk = _setup(history, remove, chunk)
     keep, params0, weights = jax.device_put((keep, history.params0, weights))
     carry = (params0, extra)
     state = _init_state(history.compressor, history.like)
-    t_total = history.num_rounds
-    exact_rounds, exact_fn = exact if exact is not None else (frozenset(), None)
     ids = history.round_ids
-    for idx in _segments(t_total, chunk, exact_rounds):
+    for start in range(0, history.num_rounds, chunk):
+        idx = list(range(start, min(start + chunk, history.num_rounds)))
         msgs = history.expand(idx)
-        pad = (1 if idx[0] in exact_rounds else chunk) - len(idx)
-        if pad:  # pad the last chunk with inactive rounds so one compiled program serves all chunks
+        pad = chunk - len(idx) if pad_chunks else 0
+        if pad:
             msgs = jax.tree.map(lambda a: jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]), msgs)
         rounds = jax.device_put(np.asarray([ids[i] for i in idx] + [max(ids) + 1] * pad, np.int32))
-        before = carry[0]
-        carry, state = _replay_chunk(
-            history.compressor, step, carry, state, msgs, rounds, keep, weights, history.seed, history.server_lr,
-            hyper,
-        )
-        if idx[0] in exact_rounds:
-            carry = (exact_fn(before, ids[idx[0]]), carry[1])
+        carry, state = _replay_chunk(history.compressor, step, carry, state, msgs, rounds, keep, weights,
+                                     history.seed, history.server_lr, hyper)
     return carry[0]
 
 
@@ -250,9 +242,14 @@ def replay(history: History, remove: Iterable[int] = (), chunk: int | None = Non
 
     With ``remove`` empty this reconstructs the trained model from the history (up to compression error).
     Computed as w^0 + lr * (weighted sum of the stored rows), weights from ``row_weights``: each stored row is
-    decoded once, and no per-user closed-loop state is carried over the rounds. ``chunk`` bounds how many
+    decoded once, and no per-user closed-loop state is carried over the rounds. A history recorded with a
+    server optimizer (``History.server_tx``) is replayed round by round through it instead. ``chunk`` bounds how many
     rounds are decoded on the device at once (default: about 256 MB of decoded rows); it does not change the bits.
     """
+    if history.server_tx is not None:  # a server optimizer is not linear in the rows: round by round
+        opt = history.server_tx.init(jax.tree.map(jnp.asarray, history.params0))
+        # no padding rounds: an optimizer with momentum would still move on an empty round
+        return _replay(history, remove, chunk, _ServerStep(history.server_tx), opt, pad_chunks=False)
     keep, weights, chunk = _setup(history, remove, chunk)
     comp, t_total, group = history.compressor, history.num_rounds, _group(history)
     ids, masks = np.asarray(history.round_ids, np.int32), history.masks()
@@ -304,6 +301,9 @@ def corrected_replay(
     scales the curvature assumed outside the pairs' span: large values also pull the model back towards the
     original (attacked) trajectory in directions the remaining users do not constrain (a backdoor's).
     """
+    if history.server_tx is not None:
+        raise ValueError("corrected_replay models FedAvg's step; this history was recorded with a server optimizer "
+                         "(use replay, or a recovery method)")
     return _replay(history, remove, chunk, _step_corrected, corrected_state(history, memory), jnp.float32(gamma))
 
 
@@ -321,4 +321,5 @@ def finetune(apply_fn, tx, params: PyTree, data: ClientData, cfg: FedConfig, exc
     t0 = cfg.rounds if start_round is None else int(start_round)
     if int(rounds) < 1:
         return params
-    return fed_rounds(apply_fn, tx, cfg, params, data, t0, excl, ones, (), (), int(rounds))[0]
+    server = init_server(params, cfg, start_round=t0)
+    return fed_rounds(apply_fn, tx, cfg, server, data, excl, ones, length=int(rounds))[0].params
