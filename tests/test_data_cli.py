@@ -190,3 +190,55 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     assert cli.main(["demo", "--quiet"]) == 130
     err = capsys.readouterr().err
     assert err.strip().startswith("medu: interrupted") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind", ["idx", "npz"])
+def test_mnist_as_images_and_the_cnn_on_them(tmp_path, kind):
+    """flatten=False keeps MNIST's 28x28 images (small files made here); models.CNN takes them and 8x8x1 digits."""
+    import jax
+    import jax.numpy as jnp
+
+    if kind == "idx":
+        x_tr, _ = fake_mnist(tmp_path)
+        path = str(tmp_path)
+    else:
+        rng = np.random.default_rng(2)
+        x_tr = rng.integers(0, 256, (50, 28, 28))
+        path = str(tmp_path / "m.npz")
+        np.savez(path, x_train=x_tr, y_train=rng.integers(0, 10, 50), x_test=rng.integers(0, 256, (20, 28, 28)),
+                 y_test=rng.integers(0, 10, 20))
+    ds = mj.data.load_mnist(path, flatten=False)
+    assert ds.x_train.shape == (50, 28, 28) and ds.x_test.shape == (20, 28, 28)
+    np.testing.assert_array_equal(ds.x_train, x_tr.astype(np.float32) / 255)
+    np.testing.assert_array_equal(mj.data.load_mnist(path).x_train, ds.x_train.reshape(50, -1))
+    cnn = mj.models.CNN((4, 8), 10)
+    params = cnn.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    out = cnn.apply(params, jnp.asarray(ds.x_test))  # (N, 28, 28): a channel axis is added
+    np.testing.assert_allclose(out, cnn.apply(params, jnp.asarray(ds.x_test)[..., None]))
+    assert out.shape == (20, 10) and sum(a.size for a in jax.tree.leaves(params)) == 4 * 9 + 4 + 8 * 36 + 8 + 7 * 7 * 8 * 10 + 10
+    with pytest.raises(ValueError, match="flatten=False"):
+        cnn.apply(params, jnp.asarray(mj.data.load_mnist(path).x_test))
+
+
+def test_digits_as_images_same_values_and_trigger():
+    flat, img = mj.data.load_digits(0), mj.data.load_digits(0, flatten=False)
+    assert img.x_train.shape[1:] == (8, 8, 1)
+    np.testing.assert_array_equal(img.x_train.reshape(len(img.x_train), -1), flat.x_train)
+    np.testing.assert_array_equal(img.y_test, flat.y_test)
+    pix, val = attacks.default_trigger(int(img.x_train[0].size))
+    stamped = attacks.add_trigger(img.x_test[:5], pix, val)
+    assert stamped.shape == (5, 8, 8, 1) and (stamped[:, 6:, 6:, 0] == val).all()  # the bottom-right 2x2 corner
+    np.testing.assert_array_equal(stamped.reshape(5, -1), attacks.add_trigger(flat.x_test[:5], pix, val))
+    with pytest.raises(ValueError, match="not an image"):
+        mj.data.load_dataset("mnist1d", flatten=False)
+
+
+def test_conv3x3_equals_flax_conv():
+    import flax.linen as nn
+    import jax
+
+    x = jax.random.normal(jax.random.key(1), (3, 7, 5, 2))
+    conv = mj.models.Conv3x3(4)
+    params = conv.init(jax.random.key(0), x)
+    want = nn.Conv(4, (3, 3), padding="SAME").apply(params, x)
+    np.testing.assert_allclose(conv.apply(params, x), want, rtol=1e-5, atol=1e-5)

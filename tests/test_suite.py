@@ -96,3 +96,24 @@ def test_membership_auc_and_flip_success():
         mj.metrics.flip_success(apply_fn, w, np.zeros((3, 3)), np.asarray([0, 0, 2]), 5, 1)
     with pytest.raises(ValueError, match="non-empty"):
         mj.metrics.auc([], [1.0])
+
+
+def test_cnn_scenario_config_and_cli_filters(tmp_path, capsys):
+    """The convolutional scenario's matrix (its run: `medu suite --model cnn --quick`, ~1 min, not in CI); the
+    default suite's cells and stored config are unchanged by the model fields."""
+    cfg = S.cnn_config()
+    assert cfg.model == "cnn" and cfg.num_users == 100 and cfg.datasets == ("digits",) and len(cfg.cells()) == 32
+    assert {S.cell_name(c)[:4] for c in cfg.cells()} == {"cnn-"}
+    assert S._scenario(cfg.cells()[0]).startswith("digits CNN ")
+    default = S.SuiteConfig()
+    assert all("model" not in c for c in default.cells()) and S.cell_name(default.cells()[0]) == "digits-iid-backdoor-10pct-seed0"
+    assert "model" not in S._config_json(default) and "conv_features" not in S._config_json(default)
+    assert S._config_json(cfg)["model"] == "cnn"
+    with pytest.raises(ValueError, match="unknown suite model"):
+        S.SuiteConfig(model="resnet")
+    with pytest.raises(ValueError, match="needs images"):
+        S.SuiteConfig(model="cnn")  # the default data sets include mnist1d
+    assert main(["suite", "--model", "cnn", "--attacks", "magic", "--out", str(tmp_path)]) == 2
+    assert "--attacks ['magic'] not in" in capsys.readouterr().err
+    assert main(["suite", "--model", "cnn", "--seeds", "7", "--out", str(tmp_path)]) == 2
+    assert "--seeds [7] not in" in capsys.readouterr().err

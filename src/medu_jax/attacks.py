@@ -16,9 +16,10 @@ from medu_jax.fedavg import ClientData
 
 
 def add_trigger(x: np.ndarray | jax.Array, pixels: Iterable[int], value: float) -> np.ndarray:
-    """Stamps the trigger: sets feature indices ``pixels`` (of the flattened sample) to ``value``."""
+    """Stamps the trigger on a batch of samples (first axis; one vector sample if 1-D): sets feature indices
+    ``pixels`` of each flattened sample to ``value`` (vectors and images alike, e.g. (N, 64) or (N, 8, 8, 1))."""
     x = np.array(x, np.float32, copy=True)
-    flat = x.reshape(*x.shape[: x.ndim - 1], -1) if x.ndim > 1 else x
+    flat = x.reshape(x.shape[0], -1) if x.ndim > 1 else x
     flat[..., list(pixels)] = value
     return flat.reshape(x.shape)
 

@@ -143,7 +143,12 @@ def _main(argv: list[str] | None) -> int:
                                       "unlearning method from float32 and MEDU histories vs retraining; pass/fail")
     su.add_argument("--out", required=True, help="folder for cells/*.json (a rerun resumes), summary.md/json, plot")
     su.add_argument("--quick", action="store_true", help="the CI-sized suite (a few digits cells, one seed)")
+    su.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
+                    help="mlp: the default suite; cnn: the convolutional scenario (digits as 8x8x1 images, 100 users)")
     su.add_argument("--dataset", help="run only the cells of this data set (digits or mnist1d)")
+    su.add_argument("--attacks", help="run only the cells of these attacks (comma-separated)")
+    su.add_argument("--shares", help="run only the cells of these malicious shares (comma-separated, e.g. 0.2)")
+    su.add_argument("--seeds", help="run only the cells of these seeds (comma-separated)")
     su.add_argument("--report-only", action="store_true", help="summarize the cells already in --out, run none")
     args = parser.parse_args(argv)
     if args.command == "suite":
@@ -210,11 +215,25 @@ def _suite(args) -> int:
     from medu_jax import suite
 
     def go():
-        cfg = suite.quick_config() if args.quick else suite.SuiteConfig()
+        if args.model == "cnn":
+            cfg = suite.cnn_config(quick=args.quick)
+        else:
+            cfg = suite.quick_config() if args.quick else suite.SuiteConfig()
         if args.dataset and args.dataset not in cfg.datasets:
             raise ValueError(f"--dataset {args.dataset!r} is not in this suite's data sets {cfg.datasets}")
+        wanted = {"dataset": [args.dataset] if args.dataset else None}
+        for key, field, kind in (("attack", "attacks", str), ("share", "shares", float), ("seed", "seeds", int)):
+            given = getattr(args, field)
+            if given:
+                vals = [kind(v) for v in given.split(",")]
+                bad = [v for v in vals if v not in getattr(cfg, field)]
+                if bad:
+                    raise ValueError(f"--{field} {bad} not in this suite's {field} {getattr(cfg, field)}")
+                wanted[key] = vals
         if not args.report_only:
-            only = (lambda c: c["dataset"] == args.dataset) if args.dataset else None
+            def only(c):  # a subset of the cells; the config (and so a later full run's reuse) is unchanged
+                return all(v is None or c[k] in v for k, v in wanted.items())
+
             suite.run_suite(cfg, args.out, only, progress=lambda m: print(m, flush=True))
         cells = suite.load_cells(args.out, cfg)
         if not cells:

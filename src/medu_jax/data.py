@@ -37,12 +37,14 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, name: 
     return Dataset(x[tr], y[tr], x[te], y[te], int(y.max()) + 1, name)
 
 
-def load_digits(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
-    """scikit-learn's 8x8 digits (1797 images, shipped with the package), flattened to 64 features in [0, 1]."""
+def load_digits(seed: int = 0, test_fraction: float = 0.2, flatten: bool = True) -> Dataset:
+    """scikit-learn's 8x8 digits (1797 images, shipped with the package), values in [0, 1]: 64 features, or with
+    ``flatten=False`` images of shape (8, 8, 1) (the same values and split, for a convolutional net)."""
     from sklearn.datasets import load_digits as _load
 
     d = _load()
-    return _split(d.data / 16.0, d.target, test_fraction, seed, "digits")
+    x = d.data / 16.0 if flatten else d.images.reshape(-1, 8, 8, 1) / 16.0
+    return _split(x, d.target, test_fraction, seed, "digits")
 
 
 def load_mnist1d(num_samples: int = 4000, seed: int = 0) -> Dataset:
@@ -76,6 +78,7 @@ def _read_idx(path: str) -> np.ndarray:
 
 def load_mnist(path: str, flatten: bool = True) -> Dataset:
     """MNIST or Fashion-MNIST from local files: a folder of the four IDX files (.gz or not) or one .npz.
+    Images come flattened (N, 784), or with ``flatten=False`` as stored ((N, 28, 28) for MNIST).
 
     The .npz needs x_train, y_train, x_test, y_test (as in keras' mnist.npz); it is read without pickle.
     """
@@ -118,14 +121,18 @@ def check_dataset(dataset: str, data_path: str | None) -> None:
         raise ValueError("dataset 'mnist' needs data_path (--data-path): a folder of the four IDX files or an .npz")
 
 
-def load_dataset(dataset: str, seed: int = 0, data_path: str | None = None, mnist1d_samples: int = 4000) -> Dataset:
-    """A data set by its name in ``DATASETS``, as the experiments' configs name it (``data_path`` for mnist)."""
+def load_dataset(dataset: str, seed: int = 0, data_path: str | None = None, mnist1d_samples: int = 4000,
+                 flatten: bool = True) -> Dataset:
+    """A data set by its name in ``DATASETS``, as the experiments' configs name it (``data_path`` for mnist).
+    ``flatten=False``: digits and mnist as images (for a convolutional net); mnist1d has no image form."""
     check_dataset(dataset, data_path)
     if dataset == "digits":
-        return load_digits(seed)
+        return load_digits(seed, flatten=flatten)
     if dataset == "mnist1d":
+        if not flatten:
+            raise ValueError("mnist1d is a 1-D signal, not an image: use flatten=True (an MLP) or digits/mnist")
         return load_mnist1d(mnist1d_samples, seed)
-    return load_mnist(data_path)
+    return load_mnist(data_path, flatten=flatten)
 
 
 def partition_iid(num_samples: int, num_clients: int, key: jax.Array) -> list[np.ndarray]:

@@ -25,7 +25,7 @@ import optax
 
 from medu_jax import attacks, compressors as C, data as D, metrics, recovery as R, tables as T
 from medu_jax.fedavg import ClientData, FedConfig, train
-from medu_jax.models import MLP
+from medu_jax.models import CNN, MLP
 from medu_jax.unlearn import rebuild_error, replay
 
 SUITE_ATTACKS = ("backdoor", "targeted_flip", "scaled", "sign_flip")
@@ -33,6 +33,10 @@ METHODS = ("fedrecover", "adaptive", "federaser", "naive")
 DEFAULT_METHOD = "adaptive"  # the default of mj.unlearn
 # the bar the default method, from the MEDU history, must meet in every cell (mean over seeds)
 BAR = {"accuracy_gap": 0.02, "attack_gap": 0.03, "client_cost": 0.30, "ratio": 30.0}
+MODELS = ("mlp", "cnn")
+# the model fields; left out of a cell's stored config at their defaults, so cells of the MLP suite stored before
+# the CNN scenario existed are still reused
+_MODEL_DEFAULTS = {"model": "mlp", "conv_features": (8, 16)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +53,9 @@ class SuiteConfig:
     local_steps: int = 10
     batch_size: int = 32
     lr: float = 0.1
-    hidden: tuple = (128, 128)
+    hidden: tuple = (128, 128)  # the MLP's hidden layers
+    model: str = "mlp"  # "mlp" (flattened inputs) or "cnn" (models.CNN on images: digits as 8x8x1)
+    conv_features: tuple = (8, 16)  # the CNN's 3x3 convolutions
     mnist1d_samples: int = 10000
     target: int = 0  # backdoor target
     source: int = 1  # targeted flip source -> flip_target
@@ -72,12 +78,17 @@ class SuiteConfig:
         for s in self.shares:
             if not 0 < float(s) < 1 or int(round(s * self.num_users)) < 1:
                 raise ValueError(f"malicious share {s} must give between 1 and num_users - 1 users")
+        if self.model not in MODELS:
+            raise ValueError(f"unknown suite model {self.model!r}: choose from {MODELS}")
+        if self.model == "cnn" and "mnist1d" in self.datasets:
+            raise ValueError("the CNN scenario needs images: mnist1d is a 1-D signal (use datasets=('digits',))")
         for name in ("rounds", "local_steps", "num_users"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"SuiteConfig.{name} must be >= 1")
 
     def cells(self) -> list[dict]:
-        return [dict(dataset=d, alpha=a, attack=at, share=s, seed=sd) for d, a, at, s, sd in
+        extra = {} if self.model == "mlp" else {"model": self.model}
+        return [dict(dataset=d, alpha=a, attack=at, share=s, seed=sd, **extra) for d, a, at, s, sd in
                 itertools.product(self.datasets, self.alphas, self.attacks, self.shares, self.seeds)]
 
 
@@ -88,9 +99,21 @@ def quick_config() -> SuiteConfig:
                        seeds=(0,), num_users=20, rounds=60, hidden=(64,))
 
 
+def cnn_config(quick: bool = False) -> SuiteConfig:
+    """The convolutional scenario: models.CNN (3x3 convolutions of 8 and 16 channels, 1,898 parameters) on digits
+    as 8x8x1 images, 100 users, the default suite's matrix and bar otherwise. ``quick``: one tiny cell (20 users,
+    20 rounds of 5 steps, adaptive recovery and naive replay only), to check the pipeline in CI."""
+    if quick:
+        return SuiteConfig(datasets=("digits",), alphas=(None,), attacks=("backdoor",), shares=(0.2,), seeds=(0,),
+                           num_users=20, rounds=20, local_steps=5, model="cnn", methods=("adaptive", "naive"),
+                           finetune_costs=())
+    return SuiteConfig(datasets=("digits",), num_users=100, model="cnn")
+
+
 def cell_name(cell: dict) -> str:
     part = "iid" if cell["alpha"] is None else f"dir{cell['alpha']}"
-    return f"{cell['dataset']}-{part}-{cell['attack']}-{int(round(100 * cell['share']))}pct-seed{cell['seed']}"
+    model = "" if cell.get("model", "mlp") == "mlp" else cell["model"] + "-"
+    return f"{model}{cell['dataset']}-{part}-{cell['attack']}-{int(round(100 * cell['share']))}pct-seed{cell['seed']}"
 
 
 def _pad(data: ClientData, multiple: int = 256) -> ClientData:
@@ -105,17 +128,17 @@ def _pad(data: ClientData, multiple: int = 256) -> ClientData:
 
 
 @functools.lru_cache(maxsize=None)
-def _model_and_optimizer(hidden: tuple, num_classes: int, lr: float):
+def _model_and_optimizer(hidden: tuple, num_classes: int, lr: float, model: str = "mlp", conv_features: tuple = ()):
     """One model and optimizer object per setting, shared by every cell: jit keys its caches on ``apply_fn`` and
     ``tx`` (a new ``model.apply`` or ``optax.sgd`` per cell would recompile every program in every cell)."""
-    model = MLP(tuple(hidden), num_classes)
-    return model, optax.sgd(lr)
+    net = CNN(tuple(conv_features), num_classes) if model == "cnn" else MLP(tuple(hidden), num_classes)
+    return net, optax.sgd(lr)
 
 
 def _dataset(name: str, seed: int, cfg: SuiteConfig) -> D.Dataset:
     if name not in ("digits", "mnist1d"):
         raise ValueError(f"unknown suite dataset {name!r}: choose digits or mnist1d")
-    return D.load_dataset(name, seed, mnist1d_samples=cfg.mnist1d_samples)
+    return D.load_dataset(name, seed, mnist1d_samples=cfg.mnist1d_samples, flatten=cfg.model != "cnn")
 
 
 def _members(clients: ClientData, users: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -142,7 +165,10 @@ def run_cell(cell: dict, cfg: SuiteConfig) -> dict[str, Any]:
     else:
         scale = attacks.update_scale(k, bad, cfg.attack_scale if attack == "scaled" else -cfg.attack_scale)
 
-    model, tx = _model_and_optimizer(tuple(cfg.hidden), ds.num_classes, float(cfg.lr))
+    if cfg.model == "cnn":
+        model, tx = _model_and_optimizer((), ds.num_classes, float(cfg.lr), "cnn", tuple(cfg.conv_features))
+    else:
+        model, tx = _model_and_optimizer(tuple(cfg.hidden), ds.num_classes, float(cfg.lr))
     apply_fn = model.apply
     params0 = model.init(jax.random.key(cell["seed"]), jnp.zeros((1, *ds.x_train.shape[1:])))
     fed = FedConfig(cfg.rounds, cfg.local_steps, cfg.batch_size, 1.0, 1.0, cell["seed"])
@@ -218,8 +244,14 @@ def run_cell(cell: dict, cfg: SuiteConfig) -> dict[str, Any]:
 
 
 def _config_json(cfg: SuiteConfig) -> dict:
-    """The config as JSON would give it back (tuples as lists), to compare with a stored cell's."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+    """The config as JSON would give it back (tuples as lists), to compare with a stored cell's (the model fields
+    only when they differ from the MLP suite's)."""
+    d = dataclasses.asdict(cfg)
+    if cfg.model == "mlp":
+        for k, v in _MODEL_DEFAULTS.items():
+            if d[k] == v:
+                del d[k]
+    return json.loads(json.dumps(d))
 
 
 def run_suite(cfg: SuiteConfig, out: str, only: Callable[[dict], bool] | None = None,
@@ -270,7 +302,8 @@ def load_cells(out: str, cfg: SuiteConfig | None = None) -> list[dict]:
 
 def _scenario(cell: dict) -> str:
     part = "IID" if cell["alpha"] is None else f"Dir({cell['alpha']})"
-    return f"{cell['dataset']} {part} {cell['attack']} {int(round(100 * cell['share']))}%"
+    model = "" if cell.get("model", "mlp") == "mlp" else " " + cell["model"].upper()
+    return f"{cell['dataset']}{model} {part} {cell['attack']} {int(round(100 * cell['share']))}%"
 
 
 def summarize(results: list[dict]) -> list[dict]:
