@@ -28,7 +28,7 @@ from medu_jax.compressors import Compressor, tree_where
 from medu_jax.dither import hash_bits
 from medu_jax.history import History, Selection, compressor_key
 from medu_jax.objectives import as_objective, state_mean
-from medu_jax.recording import Recorder, rel_error
+from medu_jax.recording import Recorder, rel_error, to_host
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
@@ -633,13 +633,13 @@ def train(
             server = server._replace(params=storage.params, round=jnp.int32(storage.t0))
         t0 = int(server.round)
         block = _block_size(rounds_per_call, rec.scanned_histories, max(cfg.rounds - t0, 1),
-                            rec.per_round or bool(storage.writers), progress)
+                            rec.per_round or store is not None, progress)
         bar = _progress_bar(progress, desc, cfg.rounds - t0)
         start_time = time.perf_counter()
-        data = data if mesh is None else shard_clients(data, mesh)
+        placed = data if mesh is None else shard_clients(data, mesh)
         for t in range(t0, cfg.rounds, block):
             n, prev = min(block, cfg.rounds - t), server.params
-            server, states, out = fed_rounds(model, tx, cfg, server, data, excl, scale, rec.scanned_states,
+            server, states, out = fed_rounds(model, tx, cfg, server, placed, excl, scale, rec.scanned_states,
                                              rec.scanned_compressors, n, mesh, rec.per_round, server_tx)
             for name, round_id, record in rec.record_block(t, n, states, out, storage.offloaded):
                 storage.write(name, round_id, record, server.params, rec.states[name])
@@ -686,9 +686,10 @@ class _Storage:
     """The run's history stores: the folder's lock, one writer per full history, where training starts (after
     what a resumed store holds), and the histories kept on disk only (``offload``)."""
 
-    def __init__(self, params, t0: int, writers: dict, lock, offload: bool):
+    def __init__(self, params, t0: int, writers: dict, lock, offload: bool, gather: bool = False):
         self.params, self.t0, self.writers, self.lock = params, t0, writers, lock
         self.offloaded = frozenset(writers) if offload else frozenset()
+        self.gather = gather  # several processes: all gather the sharded codec states, process 0 writes them
 
     @classmethod
     def open(cls, store, resume, offload, rec: Recorder, model, tx, params0, data, cfg, excl, scale):
@@ -696,6 +697,12 @@ class _Storage:
             raise ValueError("offload=True keeps the histories on disk only: it needs store=")
         if store is None:
             return cls(params0, 0, {}, None, False)
+        if jax.process_count() > 1:  # only process 0 writes (and locks) the store; the others hold none
+            if resume:
+                raise ValueError("resume=True is not supported in a multi-process run (only process 0 holds the "
+                                 "store): resume it from one process, or start a new store")
+            if jax.process_index() != 0:
+                return cls(params0, 0, {}, None, False, gather=True)
         if resume and rec.partial:
             raise ValueError(f"resume=True needs full histories only; {rec.partial} have a Selection")
         from medu_jax.store import describe_run
@@ -703,9 +710,12 @@ class _Storage:
         obj = as_objective(model)
         run = describe_run(lambda p, x: obj.apply(p, {}, x), tx, params0, data, cfg, excl, scale)
         full = {n: rec.histories[n] for n in rec.scanned}  # selective histories stay in memory (save_history after)
-        return cls(*_open_stores(store, resume, full, rec.states, params0, cfg, offload, run), offload)
+        return cls(*_open_stores(store, resume, full, rec.states, params0, cfg, offload, run), offload,
+                   jax.process_count() > 1)
 
     def write(self, name: str, round_id: int, record: dict, params, state) -> None:
+        if self.gather:
+            state = to_host(state)
         if name in self.writers:
             self.writers[name].append(round_id, record, params, state)
 

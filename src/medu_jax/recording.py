@@ -23,6 +23,16 @@ def rel_error(stats) -> jax.Array:
     return jnp.sum(stats.sq_error) / jnp.maximum(jnp.sum(stats.sq_norm), 1e-30)
 
 
+def to_host(tree: PyTree) -> PyTree:
+    """``jax.device_get``; arrays that span other processes' devices (a multi-process run's sharded outputs) are
+    gathered first (``process_allgather``: a collective, so every process must call it at the same point)."""
+    if all(getattr(a, "is_fully_addressable", True) for a in jax.tree.leaves(tree)):
+        return jax.device_get(tree)
+    from jax.experimental.multihost_utils import process_allgather
+
+    return jax.tree.map(lambda a: process_allgather(a, tiled=True) if not getattr(a, "is_fully_addressable", True)
+                        else jax.device_get(a), tree)
+
 
 def _select(sel: Selection, t: int, prev: PyTree, new: PyTree, ups: PyTree, active, last: PyTree | None):
     """The users round t keeps under ``sel`` ((K,) bool), or None when the round is not kept."""
@@ -95,7 +105,7 @@ class Recorder:
         histories and the log; yields (name, round, record) for the stores. ``offloaded`` histories keep no
         record in memory."""
         self.states.update(zip(self.scanned, states))
-        host = jax.device_get(out._replace(updates=None))  # the updates stay on the device
+        host = to_host(out._replace(updates=None))  # the updates stay on the device
         self.entered += int(np.sum(host.active))
         for i in range(n):
             self.log["rejected"].append(np.flatnonzero(host.rejected[i]).tolist())
