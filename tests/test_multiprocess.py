@@ -17,7 +17,7 @@ import numpy as np
 import medu_jax as mj
 
 WORKER = os.path.join(os.path.dirname(__file__), "multiprocess_worker.py")
-TIMEOUT = 300  # s for the whole two-process run (about 15 s on 2 cores)
+TIMEOUT = 300  # s for one run of the worker(s); the whole test: 70-95 s wall, ~50 s CPU on the 2-core VM under load
 
 
 def _free_port() -> int:
