@@ -379,7 +379,7 @@ def test_default_configs_are_unchanged_and_new_options_round_trip():
     assert mj.medu().config() == [
         {"layer": "UserSparsification", "fraction": 0.5, "count": None, "mode": "random", "missing": "last",
          "name": "sparsify"},
-        {"layer": "DifferentialThreshold", "tau": 0.1, "name": "threshold"},
+        {"layer": "DifferentialThreshold", "tau": 0.3, "name": "threshold"},  # what the suite and the docs use
         {"layer": "LatticeCoding", "lattice": "A2", "bits": 2, "scale": "maxabs", "clip": 1.0, "group_size": None,
          "name": "lattice"},
     ]

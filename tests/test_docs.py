@@ -56,7 +56,7 @@ def test_models_page_runs():
     env: dict = {}
     for i, code in enumerate(re.findall(r"```python\n(.*?)```", text, re.S)):
         exec(compile(code, f"docs/models.md block {i}", "exec"), env)
-    assert env["acc"] > 0.4 and env["acc_unlearned"] > 0.3 and env["rec"].model_state is not None
+    assert env["acc"] > 0.25 and env["acc_unlearned"] > 0.2 and env["rec"].model_state is not None  # 3 rounds; chance 0.1
     assert env["mse"] < 0.1 * float(np.mean(env["y"] ** 2))
     assert mj.metrics.relative_distance(env["rebuilt"], env["adam_run"].params) < 1e-5
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(env["server"].params),

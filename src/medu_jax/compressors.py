@@ -639,7 +639,7 @@ def chain(*compressors: Compressor) -> Compressor:
 
 def medu(
     fraction: float = 0.5,
-    tau: float = 0.1,
+    tau: float = 0.3,
     lattice: str = "A2",
     bits: int = 2,
     mode: str = "random",
@@ -650,7 +650,8 @@ def medu(
     guard: bool = False,
     error_feedback: bool = False,
 ) -> Compressor:
-    """Full MEDU: user sparsification, differential thresholding and dithered lattice coding.
+    """Full MEDU: user sparsification, differential thresholding and dithered lattice coding. The defaults
+    (keep 0.5 of the users, tau 0.3, A2, 2 bits) are the setting the demo and the scenario suite use.
 
     ``guard=True`` (opt-in) bounds every stored row's decoded error by its update's norm: the threshold codes a
     key frame when its reference is worse than zero, and the coder stores zero for a row it would decode worse
