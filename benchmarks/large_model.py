@@ -142,7 +142,8 @@ def main(argv=None) -> None:
     dev_train = device_memory()
     h = run.histories["medu"]
     nfiles, disk = files_and_bytes(store)
-    parts = {f: os.path.getsize(os.path.join(store, "medu", f)) for f in sorted(os.listdir(os.path.join(store, "medu")))}
+    folder = os.path.join(store, "medu")
+    parts = {f: os.path.getsize(os.path.join(folder, f)) for f in sorted(os.listdir(folder))}
     acc = mj.metrics.accuracy(model.apply, run.params, ds.x_test, ds.y_test)
 
     evict(store)

@@ -215,7 +215,8 @@ def test_mnist_as_images_and_the_cnn_on_them(tmp_path, kind):
     params = cnn.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
     out = cnn.apply(params, jnp.asarray(ds.x_test))  # (N, 28, 28): a channel axis is added
     np.testing.assert_allclose(out, cnn.apply(params, jnp.asarray(ds.x_test)[..., None]))
-    assert out.shape == (20, 10) and sum(a.size for a in jax.tree.leaves(params)) == 4 * 9 + 4 + 8 * 36 + 8 + 7 * 7 * 8 * 10 + 10
+    assert out.shape == (20, 10)
+    assert sum(a.size for a in jax.tree.leaves(params)) == (4 * 9 + 4) + (8 * 36 + 8) + (7 * 7 * 8 * 10 + 10)
     with pytest.raises(ValueError, match="flatten=False"):
         cnn.apply(params, jnp.asarray(mj.data.load_mnist(path).x_test))
 

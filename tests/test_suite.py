@@ -106,7 +106,8 @@ def test_cnn_scenario_config_and_cli_filters(tmp_path, capsys):
     assert {S.cell_name(c)[:4] for c in cfg.cells()} == {"cnn-"}
     assert S._scenario(cfg.cells()[0]).startswith("digits CNN ")
     default = S.SuiteConfig()
-    assert all("model" not in c for c in default.cells()) and S.cell_name(default.cells()[0]) == "digits-iid-backdoor-10pct-seed0"
+    assert all("model" not in c for c in default.cells())
+    assert S.cell_name(default.cells()[0]) == "digits-iid-backdoor-10pct-seed0"
     assert "model" not in S._config_json(default) and "conv_features" not in S._config_json(default)
     assert S._config_json(cfg)["model"] == "cnn"
     with pytest.raises(ValueError, match="unknown suite model"):
