@@ -1,7 +1,7 @@
 """A model of >= 1M parameters, 100 users, 100 rounds, the MEDU history offloaded to disk.
 
     python benchmarks/large_model.py --quick     # 10 users x 5 rounds of an 85k-parameter MLP, about a minute
-    python benchmarks/large_model.py             # 100 users x 100 rounds, MLP 64-1024-1024-10 (1,125,386 params)
+    python benchmarks/large_model.py             # 100 users x 100 rounds, MLP 64-1024-1024-10 (1,126,410 params)
 
 What is measured (one process, wall clock; figures in docs/performance.md):
 
