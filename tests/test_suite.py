@@ -118,3 +118,10 @@ def test_cnn_scenario_config_and_cli_filters(tmp_path, capsys):
     assert "--attacks ['magic'] not in" in capsys.readouterr().err
     assert main(["suite", "--model", "cnn", "--seeds", "7", "--out", str(tmp_path)]) == 2
     assert "--seeds [7] not in" in capsys.readouterr().err
+
+
+def test_distances_print_readably_when_a_model_diverged():
+    from medu_jax import tables as T
+
+    assert T.dist(0.1234) == "0.123" and T.dist(999.0) == "999.000"
+    assert T.dist(1.8e22) == "1.8e+22" and T.dist(float("inf")) == "inf" and T.dist(float("nan")) == "nan"

@@ -390,11 +390,11 @@ def format_compact(summary: list[dict]) -> str:
 
     def cells(s: dict) -> list[str]:
         failed = [k for k, ok in s["checks"].items() if not ok]
-        return [s["scenario"], f"{T.pct(s['retrain_accuracy'])} / {T.pct(s[d + 'accuracy'])}",
+        return [s["scenario"], f"{T.pct(s['retrain_accuracy'])} / {T.pct(s[d + 'accuracy']) or 'nan'}",
                 f"{T.pct(s['retrain_attack_success']) or '-'} / {T.pct(s['attacked_attack_success']) or '-'} / "
                 f"{T.pct(s[d + 'attack_success']) or '-'}",
-                f"{s['attacked_dist_to_retrain']:.3f} / {s[d + 'dist_to_retrain']:.3f}",
-                f"{T.pct(s[d + 'client_cost'])}%", f"{s[d + 'ratio']:.1f}x",
+                f"{T.dist(s['attacked_dist_to_retrain'])} / {T.dist(s[d + 'dist_to_retrain'])}",
+                T.pct(s[d + 'client_cost'], "%") or "nan", f"{s[d + 'ratio']:.1f}x",
                 "pass" if s["pass"] else "**FAIL** (" + ", ".join(failed) + ")"]
 
     return T.markdown(head, map(cells, summary), "llllrrl")
@@ -406,7 +406,7 @@ def format_methods(summary: list[dict]) -> str:
 
     def cells(s: dict) -> list[str]:
         return [s["scenario"]] + [f"{100 * (s[f'{m}_accuracy'] - s['retrain_accuracy']):+.1f} / "
-                                  f"{s[f'{m}_dist_to_retrain']:.3f} / {T.pct(s[f'{m}_client_cost'])}" for m in methods]
+                                  f"{T.dist(s[f'{m}_dist_to_retrain'])} / {T.pct(s[f'{m}_client_cost'])}" for m in methods]
 
     return T.markdown(["scenario", *methods], map(cells, summary),
                       note="  (each: acc gap to retrain (points) / dist / cost %)")

@@ -17,6 +17,13 @@ def pct(x: float, unit: str = "") -> str:
     return "" if x != x else f"{100 * x:.1f}{unit}"
 
 
+def dist(x: float) -> str:
+    """A distance with three decimals; a diverged one (>= 1e3 or inf) in scientific notation, NaN as "nan"."""
+    if x != x:
+        return "nan"
+    return f"{x:.3f}" if abs(x) < 1e3 else f"{x:.1e}"
+
+
 def row(cells: Iterable[Any]) -> str:
     """One Markdown table row: ``| a | b |``."""
     return "| " + " | ".join(str(c) for c in cells) + " |"
