@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medu_jax.fedavg import ClientData, PackedClientData
+from medu_jax.fedavg import ClientData, PackedClientData, pad_shards
 
 
 class Dataset(NamedTuple):
@@ -172,13 +172,7 @@ def to_client_data(x: np.ndarray, y: np.ndarray, shards: list[np.ndarray]) -> Cl
     """Pads client shards to a common length into static-shaped ClientData (n holds the true counts). Labels
     keep their kind: integers become int32, real targets float32 (see ``from_clients`` for no padding)."""
     x, y = np.asarray(x), np.asarray(y)
-    n = np.asarray([len(s) for s in shards], np.int32)
-    n_max = max(int(n.max()), 1)
-    xs = np.zeros((len(shards), n_max, *x.shape[1:]), np.float32)
-    ys = np.zeros((len(shards), n_max, *y.shape[1:]), _label_dtype(y))
-    for k, s in enumerate(shards):
-        xs[k, : len(s)], ys[k, : len(s)] = x[s], y[s]
-    return ClientData(jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(n))
+    return pad_shards(x, y, shards, np.float32, _label_dtype(y))
 
 
 def make_clients(ds, num_clients: int, seed: int = 0, alpha: float | None = None,

@@ -139,13 +139,20 @@ class PackedClientData(NamedTuple):
 
     def to_padded(self) -> ClientData:
         """The same samples padded to the largest client (what attacks and the suite's tools take)."""
-        n = np.asarray(self.n)
-        n_max, x, y = max(int(n.max(initial=0)), 1), np.asarray(self.x), np.asarray(self.y)
-        xs = np.zeros((len(n), n_max, *x.shape[1:]), x.dtype)
-        ys = np.zeros((len(n), n_max, *y.shape[1:]), y.dtype)
-        for k, o in enumerate(np.asarray(self.offset)):
-            xs[k, :n[k]], ys[k, :n[k]] = x[o:o + n[k]], y[o:o + n[k]]
-        return ClientData(jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(n))
+        shards = [np.arange(o, o + n) for o, n in zip(np.asarray(self.offset), np.asarray(self.n))]
+        return pad_shards(np.asarray(self.x), np.asarray(self.y), shards)
+
+
+def pad_shards(x: np.ndarray, y: np.ndarray, shards: list[np.ndarray], x_dtype=None, y_dtype=None) -> ClientData:
+    """ClientData of the samples ``shards[k]`` of (x, y) for client k, padded with zeros to the largest client (n
+    holds the true counts); the arrays keep x's and y's dtypes unless ``x_dtype`` / ``y_dtype`` say otherwise."""
+    n = np.asarray([len(s) for s in shards], np.int32)
+    n_max = max(int(n.max(initial=0)), 1)
+    xs = np.zeros((len(shards), n_max, *x.shape[1:]), x.dtype if x_dtype is None else x_dtype)
+    ys = np.zeros((len(shards), n_max, *y.shape[1:]), y.dtype if y_dtype is None else y_dtype)
+    for k, s in enumerate(shards):
+        xs[k, : len(s)], ys[k, : len(s)] = x[s], y[s]
+    return ClientData(jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(n))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,7 +358,7 @@ def _round(model, tx, cfg: FedConfig, params, data: ClientData, t, exclude, upda
     def finish(mean, ups, active, rejected, aux):  # the server's side: FedAvg's step, state and loss means
         states, losses, metrics = aux
         w = _normalized(data.n.astype(jnp.float32), active)
-        new = jax.tree.map(lambda a, b: a + (server_lr * b).astype(a.dtype), params, mean)
+        new = server_update(None, params, (), mean, server_lr)[0]
         wmean = lambda v: jnp.tensordot(w, v.astype(jnp.float32), axes=1)  # noqa: E731
         return RoundResult(new, ups, active, rejected, state_mean(states, model_state, w), wmean(losses),
                            jax.tree.map(wmean, metrics), mean)

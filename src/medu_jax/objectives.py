@@ -56,19 +56,31 @@ def _labels_for_classes(logits: jax.Array, y: jax.Array) -> jax.Array:
     return y
 
 
+def cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy of integer labels (checked: see ``_labels_for_classes``)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, _labels_for_classes(logits, y)).mean()
+
+
+def mean_squared_error(pred: jax.Array, y: jax.Array) -> jax.Array:
+    """Mean squared error in float32. Outputs (N, 1) for targets (N,) are squeezed; any other shape mismatch is
+    an error rather than a silent broadcast."""
+    if pred.shape != y.shape and pred.shape == (*y.shape, 1):
+        pred = pred[..., 0]
+    if pred.shape != y.shape:
+        raise ValueError(f"mean squared error: the model's outputs {pred.shape} do not match the targets {y.shape}")
+    return jnp.mean(jnp.square(pred.astype(jnp.float32) - y.astype(jnp.float32)))
+
+
 @dataclasses.dataclass(frozen=True)
 class Classifier:
-    """Softmax cross-entropy of integer labels for a stateless ``apply_fn(params, x) -> logits``; metrics:
-    accuracy. The default objective of ``train`` when it is given a plain apply function."""
+    """Softmax cross-entropy of integer labels for a stateless ``apply_fn(params, x) -> logits`` (no metrics).
+    The default objective of ``train`` when it is given a plain apply function."""
 
     apply_fn: Callable[[PyTree, jax.Array], jax.Array]
 
     def loss(self, params, state, batch, rng):
         x, y = batch
-        logits = self.apply_fn(params, x)
-        y = _labels_for_classes(logits, y)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return loss, (state, {})
+        return cross_entropy(self.apply_fn(params, x), y), (state, {})
 
     def apply(self, params, state, x):
         return self.apply_fn(params, x)
@@ -76,28 +88,19 @@ class Classifier:
 
 @dataclasses.dataclass(frozen=True)
 class Regressor:
-    """Mean squared error of real targets for a stateless ``apply_fn(params, x)``. Outputs (N, 1) for
-    targets (N,) are squeezed; other shape mismatches are an error rather than a silent broadcast."""
+    """``mean_squared_error`` of real targets for a stateless ``apply_fn(params, x)``."""
 
     apply_fn: Callable[[PyTree, jax.Array], jax.Array]
 
     def loss(self, params, state, batch, rng):
         x, y = batch
-        pred = self.apply_fn(params, x)
-        if pred.shape != y.shape and pred.shape == (*y.shape, 1):
-            pred = pred[..., 0]
-        if pred.shape != y.shape:
-            raise ValueError(f"Regressor: the model's outputs {pred.shape} do not match the targets {y.shape}")
-        return jnp.mean(jnp.square(pred.astype(jnp.float32) - y.astype(jnp.float32))), (state, {})
+        return mean_squared_error(self.apply_fn(params, x), y), (state, {})
 
     def apply(self, params, state, x):
         return self.apply_fn(params, x)
 
 
-LOSSES = {
-    "cross_entropy": lambda out, y: optax.softmax_cross_entropy_with_integer_labels(out, _labels_for_classes(out, y)).mean(),
-    "mse": lambda out, y: jnp.mean(jnp.square(out.reshape(y.shape).astype(jnp.float32) - y.astype(jnp.float32))),
-}
+LOSSES = {"cross_entropy": cross_entropy, "mse": mean_squared_error}
 
 
 def _loss_fn(loss: str | Callable) -> Callable:
