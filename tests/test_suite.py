@@ -61,6 +61,23 @@ def test_suite_rejects_bad_settings(tmp_path, capsys):
     assert "no cells of this suite's config" in capsys.readouterr().err
 
 
+def test_suite_options_from_the_command_line(tmp_path, capsys):
+    """--medu name=value pairs reach compressors.medu (the four main ones in ``medu``, the rest in
+    ``medu_options``), the sign-flip scale and the ratio bar reach the config; bad ones fail before any cell."""
+    cfg = S.with_options(S.quick_config(), "fraction=0.25,bits=1,guard=true,scale=rms,clip=fit", 2.0, 100)
+    assert cfg.medu == (0.25, 0.3, "A2", 1) and dict(cfg.medu_options) == {"guard": True, "scale": "rms",
+                                                                          "clip": "fit"}
+    assert cfg.sign_flip_scale == 2.0 and cfg.min_ratio == 100.0
+    assert cfg.compressor() == mj.medu(0.25, 0.3, "A2", 1, guard=True, scale="rms", clip="fit")
+    assert S._config_json(cfg) != S._config_json(S.quick_config())  # stored cells of another setting are not reused
+    with pytest.raises(ValueError, match="name=value"):
+        S.with_options(S.quick_config(), "bits")
+    with pytest.raises(ValueError, match="sign_flip_scale must be > 0"):
+        S.SuiteConfig(sign_flip_scale=-1.0)
+    assert main(["suite", "--quick", "--medu", "bits=1", "--out", str(tmp_path)]) == 2  # unguarded 1 bit refused
+    assert "1-bit lattice coding cannot work" in capsys.readouterr().err
+
+
 def test_targeted_flip_relabels_only_the_source_class_of_the_malicious_users():
     x = jnp.zeros((3, 5, 2))
     y = jnp.asarray([[1, 2, 1, 0, 1], [1, 1, 3, 0, 0], [1, 2, 3, 1, 1]], jnp.int32)

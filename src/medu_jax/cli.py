@@ -150,6 +150,10 @@ def _main(argv: list[str] | None) -> int:
     su.add_argument("--shares", help="run only the cells of these malicious shares (comma-separated, e.g. 0.2)")
     su.add_argument("--seeds", help="run only the cells of these seeds (comma-separated)")
     su.add_argument("--report-only", action="store_true", help="summarize the cells already in --out, run none")
+    su.add_argument("--medu", help="the MEDU history's setting as name=value pairs of compressors.medu, e.g. "
+                                   "'fraction=0.25,bits=1,error_feedback=true' (use its own --out folder)")
+    su.add_argument("--sign-flip-scale", type=float, help="the sign flip sends -scale x its update (default 1)")
+    su.add_argument("--min-ratio", type=float, help="the bar's least history bytes ratio (default 30)")
     args = parser.parse_args(argv)
     if args.command == "suite":
         return _suite(args)
@@ -219,6 +223,7 @@ def _suite(args) -> int:
             cfg = suite.cnn_config(quick=args.quick)
         else:
             cfg = suite.quick_config() if args.quick else suite.SuiteConfig()
+        cfg = suite.with_options(cfg, args.medu, args.sign_flip_scale, args.min_ratio)
         if args.dataset and args.dataset not in cfg.datasets:
             raise ValueError(f"--dataset {args.dataset!r} is not in this suite's data sets {cfg.datasets}")
         wanted = {"dataset": [args.dataset] if args.dataset else None}
