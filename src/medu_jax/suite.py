@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -195,8 +195,23 @@ def _members(clients: ClientData, users: list[int]) -> tuple[np.ndarray, np.ndar
     return x, y
 
 
-def run_cell(cell: dict, cfg: SuiteConfig) -> dict[str, Any]:
-    """One scenario: train with attackers, retrain, unlearn with every method from both histories."""
+class CellSetup(NamedTuple):
+    """One scenario's attacked clients and federated setup (what ``run_cell`` and benchmarks train on)."""
+
+    ds: Any  # the data set (test split for the metrics)
+    clients: ClientData  # the attacked clients
+    bad: list  # the malicious users
+    scale: Any  # per-client update multipliers (scaled / sign flip), else None
+    pixels: list  # the backdoor trigger
+    value: float
+    apply_fn: Callable
+    tx: Any
+    params0: Any
+    fed: FedConfig
+
+
+def setup_cell(cell: dict, cfg: SuiteConfig) -> CellSetup:
+    """The cell's data set, partition and attack, its model, optimizer and initial params."""
     ds = _dataset(cell["dataset"], cell["seed"], cfg)
     k = cfg.num_users
     clients = _pad(D.make_clients(ds, k, cell["seed"], cell["alpha"]))
@@ -210,14 +225,19 @@ def run_cell(cell: dict, cfg: SuiteConfig) -> dict[str, Any]:
         clients = attacks.targeted_flip(clients, bad, cfg.source, cfg.flip_target)
     else:
         scale = attacks.update_scale(k, bad, cfg.attack_scale if attack == "scaled" else -cfg.sign_flip_scale)
-
     if cfg.model == "cnn":
         model, tx = _model_and_optimizer((), ds.num_classes, float(cfg.lr), "cnn", tuple(cfg.conv_features))
     else:
         model, tx = _model_and_optimizer(tuple(cfg.hidden), ds.num_classes, float(cfg.lr))
-    apply_fn = model.apply
     params0 = model.init(jax.random.key(cell["seed"]), jnp.zeros((1, *ds.x_train.shape[1:])))
     fed = FedConfig(cfg.rounds, cfg.local_steps, cfg.batch_size, 1.0, 1.0, cell["seed"])
+    return CellSetup(ds, clients, bad, scale, pixels, value, model.apply, tx, params0, fed)
+
+
+def run_cell(cell: dict, cfg: SuiteConfig) -> dict[str, Any]:
+    """One scenario: train with attackers, retrain, unlearn with every method from both histories."""
+    ds, clients, bad, scale, pixels, value, apply_fn, tx, params0, fed = setup_cell(cell, cfg)
+    attack = cell["attack"]
     histories = {"float32": C.identity(), "medu": cfg.compressor()}
     trained = train(apply_fn, tx, params0, clients, fed, histories, update_scale=scale)
     t0 = time.perf_counter()

@@ -1,0 +1,154 @@
+"""Bytes ratio vs rebuild error vs unlearned accuracy of MEDU settings: issue 15's Pareto front.
+
+Per scenario (cells of the suite, same setup), trains once with every setting's history side by side, retrains
+without the attackers, and unlearns with the default method (adaptive recovery) from each history. Per setting:
+bytes ratio (float32 history / this history), peak ratio (float32 history / (history + the encoder's
+closed-loop state, the server's memory while training)), rebuild error, skip rates, unlearned accuracy gap to
+retraining, distance to retraining (the attacked model's next to it) and client cost.
+
+    python benchmarks/pareto.py --out runs/pareto     # the table and plot in docs/codec.md (~15 min on 2 cores)
+    python benchmarks/pareto.py --quick               # seconds: one digits cell, 20 users, 30 rounds, 3 settings
+
+A setting is medu() keywords over the default (keep 0.5, tau 0.3, A2, 2 bits); ``--settings`` picks some by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+
+from medu_jax import compressors as C, metrics, recovery as R, suite, tables as T
+from medu_jax.fedavg import train
+from medu_jax.unlearn import rebuild_error
+
+SETTINGS = {
+    "default": {},
+    "EF": dict(error_feedback=True),
+    "3 bits": dict(bits=3),
+    "keep 0.25": dict(fraction=0.25),
+    "keep 0.25 + EF": dict(fraction=0.25, error_feedback=True),
+    "keep 0.16 + EF": dict(fraction=0.16, error_feedback=True),
+    "1 bit guard": dict(bits=1, guard=True),
+    "1 bit rms-fit-wiener keep 0.3": dict(bits=1, scale="rms", clip="fit", gain="wiener", fraction=0.3),
+}
+CELLS = (("digits", 0.3, "backdoor", 0.2), ("digits", None, "sign_flip", 0.2),
+         ("mnist1d", 0.3, "targeted_flip", 0.1), ("mnist1d", None, "backdoor", 0.1))
+
+
+def compressor(options: dict) -> C.Compressor:
+    base = dict(fraction=0.5, tau=0.3, lattice="A2", bits=2)
+    return C.medu(**{**base, **options})
+
+
+def state_nbytes(state) -> int:
+    return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(state)))
+
+
+def run_cell(cell: dict, cfg: suite.SuiteConfig, settings: dict) -> list[dict]:
+    ds, clients, bad, scale, pixels, value, apply_fn, tx, params0, fed = suite.setup_cell(cell, cfg)
+    comps = {name: compressor(opts) for name, opts in settings.items()}
+    trained = train(apply_fn, tx, params0, clients, fed, comps, update_scale=scale)
+    w_retrain = train(apply_fn, tx, params0, clients, fed, exclude=bad, update_scale=scale).params
+
+    def evaluate(w) -> dict:
+        out = {"accuracy": metrics.accuracy(apply_fn, w, ds.x_test, ds.y_test),
+               "dist_to_retrain": metrics.relative_distance(w, w_retrain)}
+        if cell["attack"] == "backdoor":
+            out["attack_success"] = metrics.attack_success(apply_fn, w, ds.x_test, ds.y_test, cfg.target, pixels, value)
+        elif cell["attack"] == "targeted_flip":
+            out["attack_success"] = metrics.flip_success(apply_fn, w, ds.x_test, ds.y_test, cfg.source, cfg.flip_target)
+        return out
+
+    ref, attacked = evaluate(w_retrain), evaluate(trained.params)
+    rows = []
+    for name, h in trained.histories.items():
+        t0 = time.perf_counter()
+        try:
+            rec = R.adaptive_recovery(h, bad, apply_fn, tx, clients, fed)
+            got, cost = evaluate(rec.params), rec.client_cost
+        except FloatingPointError:
+            got, cost = {"accuracy": math.nan, "dist_to_retrain": math.nan}, math.nan
+        peak = h.nbytes + state_nbytes(trained.codec_states[name])
+        rows.append({"scenario": suite._scenario(cell), "setting": name, "options": settings[name],
+                     "ratio": h.float32_nbytes / max(h.nbytes, 1), "peak_ratio": h.float32_nbytes / max(peak, 1),
+                     "rebuild_error": rebuild_error(h, trained.params), "skips": h.skip_rates(),
+                     "max_rel_error": float(np.max(trained.log["rel_error"][name])),
+                     "retrain": ref, "attacked": attacked, "unlearned": got, "client_cost": cost,
+                     "seconds": time.perf_counter() - t0})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = ["scenario", "setting", "bytes ratio", "peak ratio", "rebuild", "stored", "acc retrain / unlearned",
+            "dist attacked / unlearned", "cost"]
+    return T.markdown(head, ([r["scenario"], r["setting"], f"{r['ratio']:.1f}x", f"{r['peak_ratio']:.1f}x",
+                              f"{T.pct(r['rebuild_error'])}%", f"{T.pct(r['skips']['stored'])}%",
+                              f"{T.pct(r['retrain']['accuracy'])} / {T.pct(r['unlearned']['accuracy'])}",
+                              f"{T.dist(r['attacked']['dist_to_retrain'])} / {T.dist(r['unlearned']['dist_to_retrain'])}",
+                              f"{T.pct(r['client_cost'])}%"] for r in rows), "llrrrrllr")
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Bytes ratio vs accuracy gap to retraining (mean over scenarios), one point per setting, its rebuild
+    error as the label; the Pareto front (no other setting both smaller and better) joined."""
+    pts = {}
+    for r in rows:
+        pts.setdefault(r["setting"], []).append((r["ratio"], 100 * (r["unlearned"]["accuracy"] - r["retrain"]["accuracy"]),
+                                                 r["rebuild_error"]))
+    mean = {k: np.nanmean(np.asarray(v, float), axis=0) for k, v in pts.items()}
+    front = sorted((k for k, (x, y, _) in mean.items()
+                    if not any(x2 >= x and y2 >= y and (x2, y2) != (x, y) for x2, y2, _ in mean.values())),
+                   key=lambda k: mean[k][0])
+    with T.figure(path, (7, 4.5)) as ax:
+        for k, (x, y, e) in mean.items():
+            ax.plot(x, y, "o", c="C1" if k in front else "C0")
+            ax.annotate(f"{k} ({100 * e:.1f}%)", (x, y), fontsize=7)
+        ax.plot([mean[k][0] for k in front], [mean[k][1] for k in front], "-", c="C1", lw=0.8)
+        ax.axhline(-2, ls=":", c="r", lw=0.8)
+        ax.axvline(100, ls=":", c="r", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("history bytes ratio (float32 / MEDU)")
+        ax.set_ylabel("unlearned - retraining accuracy (points)")
+        ax.set_title("adaptive recovery from each history, mean over scenarios (label: rebuild error)", fontsize=8)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="runs/pareto")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--settings", help="comma-separated names of SETTINGS")
+    args = p.parse_args(argv)
+    names = args.settings.split(",") if args.settings else list(SETTINGS)
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        raise SystemExit(f"unknown settings {unknown}: choose from {list(SETTINGS)}")
+    if args.quick:
+        names = names[:3] if not args.settings else names
+        cfg = suite.SuiteConfig(datasets=("digits",), num_users=20, rounds=30, hidden=(64,))
+        cells = [dict(dataset="digits", alpha=0.3, attack="backdoor", share=0.2, seed=0)]
+    else:
+        cfg = suite.SuiteConfig()
+        cells = [dict(dataset=d, alpha=a, attack=at, share=s, seed=0) for d, a, at, s in CELLS]
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for cell in cells:
+        t0 = time.perf_counter()
+        rows += run_cell(cell, cfg, {n: SETTINGS[n] for n in names})
+        print(f"{suite.cell_name(cell)}: {time.perf_counter() - t0:.0f} s", flush=True)
+    with open(os.path.join(args.out, "pareto.json"), "w") as f:
+        f.write(T.to_json(rows, indent=1))
+    md = table(rows)
+    with open(os.path.join(args.out, "pareto.md"), "w") as f:
+        f.write(md + "\n")
+    plot(rows, os.path.join(args.out, "pareto.png"))
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
