@@ -13,6 +13,7 @@ LAYERS = [
     {"dither"},
     {"compressors"},
     {"history"},
+    {"thresholding"},  # block thresholding: a filter layer with its stored form (strip) over History
     {"store", "recording"},
     {"fedavg"},
     {"unlearn"},

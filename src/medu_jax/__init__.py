@@ -26,6 +26,7 @@ from medu_jax.history import History, compressor_key
 from medu_jax.lattices import A2, D4, E8, Z, Lattice, get_lattice
 from medu_jax.packing import pack_bits, unpack_bits
 from medu_jax.store import HistoryFileError, load_history, save_history
+from medu_jax.thresholding import block_threshold
 from medu_jax.recovery import Recovery, adaptive_recovery, federaser, fedrecover, finetune_baseline, unlearn
 from medu_jax.unlearn import corrected_replay, finetune, rebuild_error, replay
 

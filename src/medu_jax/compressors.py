@@ -369,6 +369,15 @@ class LatticeCoding:
 # ------------------------------------------------------------------------------------------ the chain
 
 _FILTER_ORDER = {ErrorFeedback: 0, UserSparsification: 1, DifferentialThreshold: 2}
+
+
+def register_filter(layer: type, position: int) -> type:
+    """Lets a filter layer defined in a module above this one (``thresholding.BlockThreshold``) join chains at
+    ``position`` in MEDU's order (one layer per position) and be rebuilt by ``Compressor.from_config``."""
+    _FILTER_ORDER[layer] = int(position)
+    return layer
+
+
 _OPT_IN_DEFAULTS = {"LatticeCoding": {"gain": None, "guard": None}, "DifferentialThreshold": {"reset": False}}
 
 
@@ -460,8 +469,7 @@ class Compressor:
     @classmethod
     def from_config(cls, config: list[dict]) -> "Compressor":
         """Rebuilds a compressor from ``config()`` output."""
-        kinds = {c.__name__: c for c in (ErrorFeedback, UserSparsification, DifferentialThreshold, Identity,
-                                          LatticeCoding)}
+        kinds = {c.__name__: c for c in (*_FILTER_ORDER, Identity, LatticeCoding)}
         layers = []
         for item in config:
             item = dict(item)
