@@ -10,7 +10,7 @@ SRC = pathlib.Path(medu_jax.__file__).parent
 # bottom to top: the core (codes, compressors, histories, stores), federated training, unlearning, experiments
 LAYERS = [
     {"lattices", "packing", "trees", "objectives"},
-    {"dither"},
+    {"dither", "entropy"},
     {"compressors"},
     {"history"},
     {"thresholding"},  # block thresholding: a filter layer with its stored form (strip) over History

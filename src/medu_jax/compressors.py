@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medu_jax.dither import QuantizerSpec, _compute_dtype, dequantize_segments, materialize, quantize_segments
+from medu_jax.entropy import check_entropy
 from medu_jax.lattices import Lattice
 from medu_jax.packing import pack_bits, unpack_bits
 
@@ -298,7 +299,9 @@ class LatticeCoding:
     whose decoded error would exceed ``guard`` times the coder's input norm (True means 1: never worse than
     storing zero) is stored as zero instead (its scales set to 0, which decodes to exactly 0 with no flag), and
     counted in ``Stats.fallback``; the closed loop keeps what the zero left out (the threshold's reference, the
-    error feedback's carry).
+    error feedback's carry). ``entropy="ans"``: the History stores the code words entropy coded (host side,
+    lossless; see ``medu_jax.entropy``), so ``bits`` is then the code word width and the stored rate is the
+    codes' entropy (set by the step, i.e. ``clip`` / 2**bits; ``dither.entropy_clip`` picks it for a rate).
     """
 
     lattice: str | Lattice = "A2"
@@ -309,6 +312,7 @@ class LatticeCoding:
     name: str = "lattice"
     gain: float | str | None = None
     guard: float | None = None
+    entropy: str | None = None
     kind = "coder"
     decode_bytes = 16  # transient bytes per decoded entry: codes, lattice pieces, their concatenation, scaled
 
@@ -324,6 +328,7 @@ class LatticeCoding:
         if guard is not None and not (np.isfinite(float(guard)) and float(guard) > 0):
             raise ValueError(f"guard must be a positive bound on ||error|| / ||row||, True (1) or None; got {guard!r}")
         object.__setattr__(self, "guard", None if guard is None else float(guard))
+        check_entropy(self.entropy)
 
     @property
     def spec(self) -> QuantizerSpec:
@@ -378,7 +383,8 @@ def register_filter(layer: type, position: int) -> type:
     return layer
 
 
-_OPT_IN_DEFAULTS = {"LatticeCoding": {"gain": None, "guard": None}, "DifferentialThreshold": {"reset": False}}
+_OPT_IN_DEFAULTS = {"LatticeCoding": {"gain": None, "guard": None, "entropy": None},
+                    "DifferentialThreshold": {"reset": False}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -623,12 +629,17 @@ def lattice_coding(
     group_size: int | None = None,
     gain: float | str | None = None,
     guard: bool | float | None = None,
+    entropy: str | None = None,
 ) -> Compressor:
     """Layer 3: subtractive dithered lattice codes (Z, A2, D4, E8) at ``bits`` per entry, bit-packed.
 
     Opt-in: clip="cover"/"fit", gain (decoder shrinkage, e.g. "wiener" with scale="rms"), guard (rows that would
-    decode with an error above guard x their norm are stored as zero and counted); see ``LatticeCoding``."""
-    return _as_compressor(LatticeCoding(lattice, bits, scale, clip, group_size, gain=gain, guard=guard))
+    decode with an error above guard x their norm are stored as zero and counted), entropy="ans" (the History
+    stores the codes ANS coded: ``bits`` becomes the code width, the step sets the rate; e.g.
+    ``lattice_coding("Z", 8, "rms", dither.entropy_clip(2.0, 8), entropy="ans")`` for about 2 bits per entry);
+    see ``LatticeCoding``."""
+    return _as_compressor(LatticeCoding(lattice, bits, scale, clip, group_size, gain=gain, guard=guard,
+                                        entropy=entropy))
 
 
 def chain(*compressors: Compressor) -> Compressor:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -91,6 +92,43 @@ def _cell_geometry(lat: Lattice) -> tuple[np.ndarray, float, float]:
     signs = np.array(np.meshgrid(*[[-0.5, 0.5]] * lat.dim, indexing="ij")).reshape(lat.dim, -1)
     zmax = float(np.max(normals.T @ (g @ signs)))
     return normals, m / 2.0, zmax
+
+
+def dithered_entropy(step: float) -> float:
+    """Entropy in bits of the Z code Q = round(x / step + z) of x ~ N(0, 1) with the subtractive dither z
+    uniform on [-1/2, 1/2): P(Q = k) = (F((k + 1) step) - 2 F(k step) + F((k - 1) step)) / step with
+    F(u) = u Phi(u) + phi(u), the second antiderivative of the Gaussian density (exact, no sampling)."""
+    step = float(step)
+    k = np.arange(-int(np.ceil(12.0 / step)) - 1, int(np.ceil(12.0 / step)) + 2, dtype=np.float64)
+    u = np.concatenate([k[:1] - 1, k, k[-1:] + 1]) * step
+    cdf = 0.5 * (1.0 + np.frompyfunc(math.erf, 1, 1)(u / math.sqrt(2.0)).astype(np.float64))
+    f = u * cdf + np.exp(-0.5 * u * u) / math.sqrt(2.0 * math.pi)
+    p = np.maximum((f[2:] - 2.0 * f[1:-1] + f[:-2]) / step, 0.0)
+    p = p[p > 0] / p.sum()
+    return float(-np.sum(p * np.log2(p)))
+
+
+ENTROPY_SPAN = 8.0  # entropy_clip: the codebook must span at least +-8 rms (a Gaussian entry beyond: p ~ 1e-15)
+
+
+def entropy_clip(rate: float, bits: int) -> float:
+    """The clip (rms units) of Z codes ``bits`` wide whose step gives ``rate`` bits of entropy per entry on
+    Gaussian groups with scale="rms": the setting for ``lattice_coding(..., entropy="ans")``, where ``bits`` is
+    only the code width and the entropy is the stored rate. The step solves ``dithered_entropy(step) = rate``
+    (bisection); clip = step * 2**bits / 2. Raises when the width leaves the codebook narrower than +-8 rms."""
+    bits = check_bits(bits)
+    rate = float(rate)
+    if not 0.05 <= rate <= 12.0:
+        raise ValueError(f"rate must be in [0.05, 12] bits per entry, got {rate!r}")
+    lo, hi = math.log2(2.0**-14), math.log2(64.0)  # log2 of the step: entropy falls as the step grows
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if dithered_entropy(2.0**mid) > rate else (lo, mid)
+    clip = 2.0 ** (0.5 * (lo + hi)) * 2**bits / 2.0
+    if clip < ENTROPY_SPAN:
+        raise ValueError(f"{bits}-bit codes at {rate:g} bits of entropy span only +-{clip:.3g} rms (overload); "
+                         f"use more bits (the width costs nothing once entropy coded)")
+    return float(clip)
 
 
 COVER_MARGIN_MAX = 1.25  # clip="cover" pays at most this factor for the dither's margin (else the ladder does)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medu_jax.compressors import Compressor, Like, Message
+from medu_jax.entropy import decode_words, encode_words
 
 PyTree = Any
 
@@ -40,15 +41,30 @@ def _flat_flags(flags: dict) -> dict[str, Any]:
     return {f"{layer}/{name}": v for layer, d in sorted(flags.items()) for name, v in sorted(d.items())}
 
 
-def compact(message: Message) -> dict[str, np.ndarray]:
-    """Host-side compact record of a message: packed masks and the present users' rows only."""
+def entropy_leaves(compressor: Compressor, rows: PyTree) -> tuple[int, ...]:
+    """Positions of the payload leaves that records of ``compressor`` store entropy coded (as "ans:i" instead
+    of "row:i"): the lattice coder's packed code words when it was built with ``entropy``, else none."""
+    if getattr(compressor.coder, "entropy", None) is None:
+        return ()
+    paths = jax.tree_util.tree_flatten_with_path(rows)[0]
+    return tuple(i for i, (path, _) in enumerate(paths) if jax.tree_util.keystr(path) == "['words']")
+
+
+def compact(message: Message, compressor: Compressor | None = None) -> dict[str, np.ndarray]:
+    """Host-side compact record of a message: packed masks and the present users' rows only; with the
+    ``compressor`` of a lattice coder built with ``entropy``, its code words entropy coded (``entropy``)."""
     present = np.asarray(message.present, bool)
     record = {"active": np.packbits(np.asarray(message.active, bool)), "present": np.packbits(present)}
     for name, v in _flat_flags(message.flags).items():
         record[f"flag:{name}"] = np.packbits(np.asarray(v, bool))
     n = int(present.sum())  # payload slots 0..n-1 hold the present users' rows, in user order
+    coded = () if compressor is None else entropy_leaves(compressor, message.rows)
     for i, leaf in enumerate(jax.tree.leaves(message.rows)):
-        record[f"row:{i}"] = np.ascontiguousarray(np.asarray(leaf)[:n])
+        rows = np.ascontiguousarray(np.asarray(leaf)[:n])
+        if i in coded:
+            record[f"ans:{i}"] = encode_words(rows, compressor.coder.bits)
+        else:
+            record[f"row:{i}"] = rows
     return record
 
 
@@ -141,7 +157,7 @@ class History:
         """Compacts and appends training round ``round_id``'s message; with a selection, also the model before
         the round and the round's participants (when the selection stored only some of them). Returns the record;
         ``keep=False`` only builds it (for a store that holds the rounds instead of host memory)."""
-        record = compact(jax.device_get(message))
+        record = compact(jax.device_get(message), self.compressor)
         if participants is not None:
             record["participants"] = np.packbits(np.asarray(participants, bool))
         record["round"] = np.array([self.num_rounds if round_id is None else round_id], np.int32)
@@ -166,7 +182,7 @@ class History:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of all stored records (packed codes, scales, masks, flags)."""
+        """Bytes of all stored records (packed or entropy-coded codes with their models, scales, masks, flags)."""
         return int(sum(record_nbytes(r) for r in self.records))
 
     @property
@@ -205,12 +221,19 @@ class History:
 
     def _payload(self, recs: list, length: int | None = None) -> PyTree:
         length = len(recs) if length is None else int(length)
-        row_leaves, row_def = jax.tree_util.tree_flatten(self.rows_like())
+        like = self.rows_like()
+        row_leaves, row_def = jax.tree_util.tree_flatten(like)
+        coded = entropy_leaves(self.compressor, like)
+        stored = [int(np.unpackbits(r["present"])[: self.num_users].sum()) for r in recs] if coded else []
         rows = []
         for i, sd in enumerate(row_leaves):
             full = np.zeros((length, *sd.shape), sd.dtype)
             for t, r in enumerate(recs):
-                full[t, : len(r[f"row:{i}"])] = r[f"row:{i}"]
+                if i in coded:  # the exact packed words back from their entropy-coded array
+                    full[t, : stored[t]] = decode_words(r[f"ans:{i}"], self.compressor.coder.bits,
+                                                        (stored[t], *sd.shape[1:]))
+                else:
+                    full[t, : len(r[f"row:{i}"])] = r[f"row:{i}"]
             rows.append(full)
         return row_def.unflatten(rows)
 
