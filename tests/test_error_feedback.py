@@ -182,6 +182,27 @@ def test_decoder_ignores_the_carry_and_replays_the_encoder_bit_for_bit():
                                                      jax.tree.leaves(junk["filters"][0])))
 
 
+
+def test_the_replay_decoder_state_holds_no_carry_and_decodes_the_same_bits():
+    """unlearn._init_state (the state replay and recovery decode with) leaves the encoder-only carry out; decoding
+    every round from it gives the encoder's rows bit for bit, as from the full state."""
+    from medu_jax.compressors import Like
+    from medu_jax.unlearn import _init_state
+
+    comp = mj.medu(0.5, 0.3, "A2", 2, error_feedback=True)
+    updates = _walk(np.random.default_rng(5), [7, 33], 6, 6, 1.0, set())
+    _, ds, msgs, _ = _run(comp, updates, 2, check_decoder=False)
+    small, full = _init_state(comp, Like.of(updates[0])), comp.init(updates[0])
+    assert small["filters"][0] == {} and full["filters"][0]["carry"]
+    nbytes = lambda st: sum(a.nbytes for a in jax.tree.leaves(st["filters"]))  # noqa: E731
+    assert nbytes(full) - nbytes(small) == 6 * 40 * 4  # the (K, d) float32 carry
+    dec = jax.jit(comp.decode)
+    for t, msg in enumerate(msgs):
+        a, va, full = dec(msg, full, mj.compressor_key(2, t))
+        b, vb, small = dec(msg, small, mj.compressor_key(2, t))
+        assert np.array_equal(np.asarray(va), np.asarray(vb)) and small["filters"][0] == {}
+        assert np.array_equal(_flat(a), _flat(b)) and np.array_equal(_flat(b), ds[t])
+
 def test_the_chain_without_feedback_keeps_its_bits_and_selections():
     """error_feedback adds no key position: the same sparsification draws, and with a zero carry (first round)
     the same message as the chain without it (what the property test above relies on for one round's error)."""

@@ -112,8 +112,13 @@ def _replay_chunk(compressor: Compressor, step, carry, state, messages: Message,
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _init_state(compressor: Compressor, like):
-    """The decoder's initial closed-loop state, built on the device in one compiled call."""
-    return compressor.init(like.zeros())
+    """The decoder's initial closed-loop state, built on the device in one compiled call. An error-feedback
+    chain's carry (filter 0) is left out: the decoder never reads it (``ErrorFeedback.restore`` passes its state
+    through), so the decoded rows are the same bits and replay holds no dead (K, d) array."""
+    state = compressor.init(like.zeros())
+    if compressor.feedback is not None:
+        state = {**state, "filters": ({},) + tuple(state["filters"][1:])}
+    return state
 
 
 def _default_chunk(history: History, budget_bytes: int = 256 << 20) -> int:
