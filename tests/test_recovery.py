@@ -112,7 +112,7 @@ def test_adaptive_spends_exact_rounds_within_its_budget():
         mj.adaptive_recovery(h, [4], model.apply, tx, clients, cfg, drift=0)
 
 
-def test_adaptive_budget_caps_abnormality_fixing_and_counts_what_it_leaves_out():
+def test_adaptive_budget_caps_abnormality_fixing_and_counts_what_it_does_not_fix():
     ds, clients, model, params0, tx, cfg, run = setup()
     h = run.histories["medu"]
     free = mj.adaptive_recovery(h, [4, 5], model.apply, tx, clients, cfg, warmup=2, tune=1, drift=1e6, alpha=0.5,
@@ -126,6 +126,29 @@ def test_adaptive_budget_caps_abnormality_fixing_and_counts_what_it_leaves_out()
     fr = mj.fedrecover(h, [4, 5], model.apply, tx, clients, cfg, warmup=2, period=0, tune=1, alpha=0.5)
     assert fr.dropped_estimates == 0 and fr.fixed_updates == free.fixed_updates
 
+
+
+@pytest.mark.parametrize("name", ["f32", "medu"])
+def test_beyond_the_budget_abnormal_clients_enter_with_their_stored_rows(name):
+    """alpha near 1 makes every estimate abnormal and budget 0 fixes none: the rounds between warm-up and tuning
+    are then FedAvg steps with the stored rows of the remaining clients (the reference below), none left out."""
+    from medu_jax.fedavg import fed_round, weighted_mean
+
+    ds, clients, model, params0, tx, cfg, run = setup()
+    h, remove = run.histories[name], [4, 5]
+    rec = mj.adaptive_recovery(h, remove, model.apply, tx, clients, cfg, warmup=2, tune=1, drift=1e6, budget=0.0,
+                               alpha=0.999)
+    keep = jnp.asarray(~np.isin(np.arange(K), remove))
+    state, w, n = R._init_state(h.compressor, h.like), jax.tree.map(jnp.asarray, h.params0), 0
+    for i, t, msg in R._messages(h):
+        stored, valid, state = R._decode(h.compressor, msg, state, mj.compressor_key(h.seed, t))
+        if i < 2 or i == h.num_rounds - 1:
+            w = fed_round(model.apply, tx, cfg, w, clients, t, ~keep, jnp.ones((K,)), model_state={}).params
+        else:
+            w = R._unflat(R._flat(w) + h.server_lr * weighted_mean(stored, valid & keep, jnp.asarray(h.weights)), w)
+            n += int(jnp.sum(valid & keep))
+    assert rec.exact_rounds == 3 and rec.fixed_updates == 0 and rec.dropped_estimates == n > 0
+    close(rec.params, w, rtol=1e-6, atol=1e-7)
 
 def test_federaser_step_keeps_stored_norms_and_calibrated_directions():
     ds, clients, model, params0, tx, cfg, run = setup()
@@ -280,3 +303,51 @@ def test_methods_that_need_every_round_refuse_a_selective_history():
     for fn in (mj.fedrecover, mj.adaptive_recovery, mj.federaser):
         with pytest.raises(ValueError, match="needs a full history"):
             fn(sel, [4], model.apply, tx, clients, cfg)
+
+
+def _pairs_reference(rounds, k, m, d):
+    """NumPy (float64) reference of the per-client pair buffers over a sequence of exact rounds: each round
+    (s, y, mask, run) adds (s, y_i) for the clients in mask whose pair has positive curvature; with ``run`` (the
+    previous round was exact too, adaptive_recovery's run pairs) a client whose newest pair ended at the previous
+    round sums this round into that pair instead of appending."""
+    S, Y, count = [[] for _ in range(k)], [[] for _ in range(k)], np.zeros(k, int)
+    ended = np.zeros(k, bool)
+    for s, y, mask, run in rounds:
+        now = np.zeros(k, bool)
+        for i in range(k):
+            if not mask[i]:
+                continue
+            ext = run and ended[i]
+            si, yi = (S[i][-1] + s, Y[i][-1] + y[i]) if ext else (s, y[i])
+            if yi @ si > 1e-12 * np.linalg.norm(si) * np.linalg.norm(yi):
+                if ext:
+                    S[i][-1], Y[i][-1] = si, yi
+                else:
+                    S[i], Y[i] = (S[i] + [si])[-m:], (Y[i] + [yi])[-m:]
+                    count[i] = min(count[i] + 1, m)
+                now[i] = True
+        ended = now
+    def pad(b):  # the newest pair last, empty slots zero (the buffers' layout)
+        return np.stack([np.concatenate([np.zeros((m - len(x), d)), np.reshape(x, (-1, d))]) for x in b])
+
+    return pad(S), pad(Y), count
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 3), st.integers(2, 9), st.integers(1, 8), st.integers(0, 2**31 - 1))
+def test_run_pairs_match_a_numpy_reference(k, m, d, n, seed):
+    """_add_pairs over random rounds (masks, runs of consecutive exact rounds, pairs of both curvature signs):
+    the buffers and counts are the reference's; without runs every pair is appended (FedRecover's)."""
+    rng = np.random.default_rng(seed)
+    rounds = [(rng.normal(size=d).astype(np.float32), rng.normal(size=(k, d)).astype(np.float32),
+               rng.random(k) < 0.7, bool(t and rng.random() < 0.6)) for t in range(n)]
+    for use_runs in (True, False):
+        S, Y = jnp.zeros((k, m, d)), jnp.zeros((k, m, d))
+        count, ended = jnp.zeros((k,), jnp.int32), jnp.zeros((k,), bool)
+        for s, y, mask, run in rounds:
+            extend = ended & run if use_runs else jnp.zeros((k,), bool)
+            S, Y, count, ended = R._add_pairs(S, Y, count, jnp.asarray(s), jnp.asarray(y), jnp.asarray(mask), extend)
+        ref = _pairs_reference([(s, y, mask, run and use_runs) for s, y, mask, run in rounds], k, m, d)
+        np.testing.assert_array_equal(np.asarray(count), ref[2])
+        for got, want in zip((S, Y), ref[:2]):
+            np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-6, atol=1e-6)
