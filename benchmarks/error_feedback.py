@@ -11,6 +11,7 @@ the encoder's closed-loop state (the peak server memory is history + state).
     python benchmarks/error_feedback.py --quick         # digits, 20 users, 15 vs 60 rounds (about a minute)
     python benchmarks/error_feedback.py --suite         # the suite's MNIST-1D targeted flip 10% cells, with and
                                                         # without error feedback (suite.run_cell; ~25 min)
+    python benchmarks/error_feedback.py --suite --datasets mnist1d digits --attacks backdoor scaled --seeds 0
 
 The setup is the scenario suite's (``medu_jax.suite``: MLP 128x128, 10 local steps of 32, lr 0.1, 10%
 targeted label flippers) with its MEDU setting (keep 0.5 of the users, tau 0.3, A2, 2 bits).
@@ -19,9 +20,7 @@ targeted label flippers) with its MEDU setting (keep 0.5 of the users, tau 0.3, 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import functools
 import json
 import time
 
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import medu_jax as mj
-from medu_jax import attacks, compressors as C, data as D, suite as S
+from medu_jax import attacks, data as D, suite as S
 from medu_jax.suite import SuiteConfig, _dataset, _model_and_optimizer, _pad
 
 
@@ -96,19 +95,6 @@ def table(rows: list[dict], short: int, long: int) -> str:
     return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def suite_medu(**options):
-    """The suite builds its MEDU history with ``compressors.medu(fraction, tau, lattice, bits)`` and has no option
-    for more (``SuiteConfig.medu`` is that 4-tuple), so the cells with error feedback run with ``medu``'s
-    defaults changed for the duration."""
-    orig = C.medu
-    C.medu = functools.partial(orig, **options)
-    try:
-        yield
-    finally:
-        C.medu = orig
-
-
 def suite_cells(cfg: SuiteConfig, cells: list[dict], out: str | None) -> list[dict]:
     """The suite's cells with and without error feedback: the default method's figures from the MEDU history,
     the bar's checks (one seed per cell here; the suite's table averages two)."""
@@ -116,8 +102,7 @@ def suite_cells(cfg: SuiteConfig, cells: list[dict], out: str | None) -> list[di
     for cell in cells:
         for ef in (False, True):
             t0 = time.perf_counter()
-            with suite_medu(error_feedback=ef):
-                res = S.run_cell(cell, cfg)
+            res = S.run_cell(cell, dataclasses.replace(cfg, medu_options=(("error_feedback", ef),)))
             row = {"cell": S.cell_name(cell), "error_feedback": ef, "seconds": time.perf_counter() - t0,
                    "rebuild_error": res["rebuild_error"]["medu"]}
             get = lambda m, h: next(x for x in res["rows"] if x["method"] == m and x.get("history", "") == h)  # noqa: E731
@@ -162,13 +147,14 @@ def main(argv=None) -> int:
     ap.add_argument("--alphas", nargs="+", default=["0.3", "iid"], help="Dirichlet alphas, or iid")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the rows here")
-    ap.add_argument("--suite", action="store_true", help="the suite's MNIST-1D targeted flip 10%% cells instead")
+    ap.add_argument("--suite", action="store_true", help="the suite's cells (10%% attackers) instead")
+    ap.add_argument("--attacks", nargs="+", default=["targeted_flip"], help="with --suite")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="with --suite")
     args = ap.parse_args(argv)
     cfg = SuiteConfig()
     if args.suite:
-        cells = [dict(dataset="mnist1d", alpha=None if a == "iid" else float(a), attack="targeted_flip", share=0.1,
-                      seed=s) for a in args.alphas for s in args.seeds]
+        cells = [dict(dataset=d, alpha=None if a == "iid" else float(a), attack=at, share=0.1, seed=s)
+                 for d in args.datasets for at in args.attacks for a in args.alphas for s in args.seeds]
         print(suite_table(suite_cells(cfg, cells, args.json)))
         return 0
     short, long = args.short, args.long
