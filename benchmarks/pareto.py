@@ -7,7 +7,7 @@ closed-loop state, the server's memory while training)), rebuild error, skip rat
 retraining, distance to retraining (the attacked model's next to it) and client cost.
 
     python benchmarks/pareto.py --out runs/pareto     # the table and plot in docs/codec.md (~15 min on 2 cores)
-    python benchmarks/pareto.py --quick               # seconds: one digits cell, 20 users, 30 rounds, 3 settings
+    python benchmarks/pareto.py --quick               # a minute: one digits cell, 20 users, 30 rounds, 3 settings
 
 A setting is medu() keywords over the default (keep 0.5, tau 0.3, A2, 2 bits); ``--settings`` picks some by name.
 """
@@ -29,13 +29,14 @@ from medu_jax.unlearn import rebuild_error
 
 SETTINGS = {
     "default": {},
-    "EF": dict(error_feedback=True),
-    "3 bits": dict(bits=3),
+    "ANS": dict(entropy="ans"),
+    "3 bits ANS": dict(bits=3, entropy="ans"),
+    "EF ANS": dict(error_feedback=True, entropy="ans"),
     "keep 0.25": dict(fraction=0.25),
-    "keep 0.25 + EF": dict(fraction=0.25, error_feedback=True),
-    "keep 0.16 + EF": dict(fraction=0.16, error_feedback=True),
+    "keep 0.25 ANS": dict(fraction=0.25, entropy="ans"),
+    "keep 0.2 ANS": dict(fraction=0.2, entropy="ans"),
+    "keep 0.25 EF ANS": dict(fraction=0.25, error_feedback=True, entropy="ans"),
     "1 bit guard": dict(bits=1, guard=True),
-    "1 bit rms-fit-wiener keep 0.3": dict(bits=1, scale="rms", clip="fit", gain="wiener", fraction=0.3),
 }
 CELLS = (("digits", 0.3, "backdoor", 0.2), ("digits", None, "sign_flip", 0.2),
          ("mnist1d", 0.3, "targeted_flip", 0.1), ("mnist1d", None, "backdoor", 0.1))

@@ -383,7 +383,8 @@ def test_default_configs_are_unchanged_and_new_options_round_trip():
         {"layer": "LatticeCoding", "lattice": "A2", "bits": 2, "scale": "maxabs", "clip": 1.0, "group_size": None,
          "name": "lattice"},
     ]
+    assert mj.medu(entropy="ans").config()[-1]["entropy"] == "ans"
     for comp in (mj.medu(bits=1, guard=True), mj.medu(scale="rms", clip="fit", gain="wiener"),
-                 mj.lattice_coding("E8", 16, clip="cover")):
+                 mj.lattice_coding("E8", 16, clip="cover"), mj.medu(bits=3, entropy="ans")):
         again = Compressor.from_config(comp.config())
         assert again == comp and hash(again) == hash(comp)

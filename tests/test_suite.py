@@ -64,7 +64,9 @@ def test_suite_rejects_bad_settings(tmp_path, capsys):
 def test_suite_options_from_the_command_line(tmp_path, capsys):
     """--medu name=value pairs reach compressors.medu (the four main ones in ``medu``, the rest in
     ``medu_options``), the sign-flip scale and the ratio bar reach the config; bad ones fail before any cell."""
-    cfg = S.with_options(S.quick_config(), "fraction=0.25,bits=1,guard=true,scale=rms,clip=fit", 2.0, 100)
+    cfg = S.with_options(S.quick_config(), "fraction=0.25,bits=1,guard=true,scale=rms,clip=fit", 2.0, 100,
+                         "adaptive,naive")
+    assert cfg.methods == ("adaptive", "naive")
     assert cfg.medu == (0.25, 0.3, "A2", 1) and dict(cfg.medu_options) == {"guard": True, "scale": "rms",
                                                                           "clip": "fit"}
     assert cfg.sign_flip_scale == 2.0 and cfg.min_ratio == 100.0
@@ -72,6 +74,8 @@ def test_suite_options_from_the_command_line(tmp_path, capsys):
     assert S._config_json(cfg) != S._config_json(S.quick_config())  # stored cells of another setting are not reused
     with pytest.raises(ValueError, match="name=value"):
         S.with_options(S.quick_config(), "bits")
+    with pytest.raises(ValueError, match="unknown suite methods"):
+        S.with_options(S.quick_config(), methods="adaptive,magic")
     with pytest.raises(ValueError, match="sign_flip_scale must be > 0"):
         S.SuiteConfig(sign_flip_scale=-1.0)
     assert main(["suite", "--quick", "--medu", "bits=1", "--out", str(tmp_path)]) == 2  # unguarded 1 bit refused

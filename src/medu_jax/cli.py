@@ -154,6 +154,7 @@ def _main(argv: list[str] | None) -> int:
                                    "'fraction=0.25,bits=1,error_feedback=true' (use its own --out folder)")
     su.add_argument("--sign-flip-scale", type=float, help="the sign flip sends -scale x its update (default 1)")
     su.add_argument("--min-ratio", type=float, help="the bar's least history bytes ratio (default 30)")
+    su.add_argument("--methods", help="unlearning methods to run (comma-separated; adaptive, the default, is kept)")
     args = parser.parse_args(argv)
     if args.command == "suite":
         return _suite(args)
@@ -223,7 +224,7 @@ def _suite(args) -> int:
             cfg = suite.cnn_config(quick=args.quick)
         else:
             cfg = suite.quick_config() if args.quick else suite.SuiteConfig()
-        cfg = suite.with_options(cfg, args.medu, args.sign_flip_scale, args.min_ratio)
+        cfg = suite.with_options(cfg, args.medu, args.sign_flip_scale, args.min_ratio, args.methods)
         if args.dataset and args.dataset not in cfg.datasets:
             raise ValueError(f"--dataset {args.dataset!r} is not in this suite's data sets {cfg.datasets}")
         wanted = {"dataset": [args.dataset] if args.dataset else None}

@@ -668,6 +668,7 @@ def medu(
     gain: float | str | None = None,
     guard: bool = False,
     error_feedback: bool = False,
+    entropy: str | None = None,
 ) -> Compressor:
     """Full MEDU: user sparsification, differential thresholding and dithered lattice coding. The defaults
     (keep 0.5 of the users, tau 0.3, A2, 2 bits) are the setting the demo and the scenario suite use.
@@ -681,6 +682,9 @@ def medu(
     unchanged. ``missing`` defaults to "last" without it and to "zero" with it (the only policy it works with),
     and the threshold codes key frames (``reset``): a row that carried a user's skipped rounds makes a poor
     reference for the next one, and coding the update itself is then better than the difference.
+
+    ``entropy="ans"`` stores the lattice code words ANS coded (lossless, host side: same decoded bits, fewer
+    bytes; see ``lattice_coding`` and ``medu_jax.entropy``).
     """
     if missing is None:
         missing = "zero" if error_feedback else "last"
@@ -688,7 +692,7 @@ def medu(
         *((_as_compressor(ErrorFeedback()),) if error_feedback else ()),
         user_sparsification(fraction, mode=mode, missing=missing),
         differential_threshold(tau, reset=bool(guard) or bool(error_feedback)),
-        lattice_coding(lattice, bits, scale, clip, gain=gain, guard=True if guard else None),
+        lattice_coding(lattice, bits, scale, clip, gain=gain, guard=True if guard else None, entropy=entropy),
     )
 
 

@@ -136,9 +136,10 @@ def _value(text: str):
 
 
 def with_options(cfg: SuiteConfig, medu: str | None = None, sign_flip_scale: float | None = None,
-                 min_ratio: float | None = None) -> SuiteConfig:
+                 min_ratio: float | None = None, methods: str | None = None) -> SuiteConfig:
     """``cfg`` with the command line's MEDU setting ('name=value,...' of ``compressors.medu``; fraction, tau,
-    lattice and bits go to ``medu``, the rest to ``medu_options``), sign-flip scale and bytes-ratio bar."""
+    lattice and bits go to ``medu``, the rest to ``medu_options``), sign-flip scale, bytes-ratio bar and
+    unlearning methods (comma-separated)."""
     changes: dict[str, Any] = {}
     if medu:
         main = dict(zip(("fraction", "tau", "lattice", "bits"), cfg.medu))
@@ -153,6 +154,8 @@ def with_options(cfg: SuiteConfig, medu: str | None = None, sign_flip_scale: flo
         changes["sign_flip_scale"] = float(sign_flip_scale)
     if min_ratio is not None:
         changes["min_ratio"] = float(min_ratio)
+    if methods:
+        changes["methods"] = tuple(m.strip() for m in methods.split(","))
     return dataclasses.replace(cfg, **changes)
 
 
