@@ -1,8 +1,10 @@
 """The server's history of compressed updates: one compact record of NumPy arrays per round.
 
 A record keeps only the payload rows of users whose row is stored (``message.present``) and bit-packs the
-per-user masks, so ``nbytes`` is what the server really pays. ``expand`` rebuilds the full, static-shaped
-``Message`` that the jitted decoder replays. Keys are never stored: the round's compressor key is derived
+per-user masks, so ``nbytes`` is what the server really pays. With ``lattice_coding(..., entropy="ans")`` the
+code words are stored entropy coded ("ans:i" in place of "row:i", see ``medu_jax.entropy``), and ``nbytes``
+counts the coded arrays. ``expand`` rebuilds the full, static-shaped ``Message`` that the jitted decoder
+replays (decoding coded words back to the exact packed words). Keys are never stored: the round's compressor key is derived
 from (seed, round) with ``compressor_key``.
 """
 
