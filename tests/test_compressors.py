@@ -380,10 +380,10 @@ def test_default_configs_are_unchanged_and_new_options_round_trip():
         {"layer": "UserSparsification", "fraction": 0.5, "count": None, "mode": "random", "missing": "last",
          "name": "sparsify"},
         {"layer": "DifferentialThreshold", "tau": 0.3, "name": "threshold"},  # what the suite and the docs use
-        {"layer": "LatticeCoding", "lattice": "A2", "bits": 2, "scale": "maxabs", "clip": 1.0, "group_size": None,
-         "name": "lattice"},
+        {"layer": "LatticeCoding", "lattice": "A2", "bits": 3, "scale": "maxabs", "clip": 1.0, "group_size": None,
+         "name": "lattice", "entropy": "ans"},
     ]
-    assert mj.medu(entropy="ans").config()[-1]["entropy"] == "ans"
+    assert "entropy" not in mj.medu(bits=2, entropy=None).config()[-1]  # the earlier default's config and bits
     for comp in (mj.medu(bits=1, guard=True), mj.medu(scale="rms", clip="fit", gain="wiener"),
                  mj.lattice_coding("E8", 16, clip="cover"), mj.medu(bits=3, entropy="ans")):
         again = Compressor.from_config(comp.config())

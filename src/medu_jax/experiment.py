@@ -71,7 +71,8 @@ class ExperimentConfig:
     fraction: float = 0.5
     tau: float = 0.3
     lattice: str = "A2"
-    bits: int = 2
+    bits: int = 3
+    entropy: str | None = "ans"  # the stored lattice codes ANS coded (None: bit-packed)
     methods: tuple = ("float32", "sparsify", "threshold", "lattice", "medu")
     unlearn_methods: tuple = ("adaptive",)
     tune_rounds: int = 2
@@ -145,8 +146,8 @@ METHODS = {
     "float32": lambda c: C.identity(),
     "sparsify": lambda c: C.user_sparsification(c.fraction),
     "threshold": lambda c: C.differential_threshold(c.tau),
-    "lattice": lambda c: C.lattice_coding(c.lattice, c.bits),
-    "medu": lambda c: C.medu(c.fraction, c.tau, c.lattice, c.bits),
+    "lattice": lambda c: C.lattice_coding(c.lattice, c.bits, entropy=c.entropy),
+    "medu": lambda c: C.medu(c.fraction, c.tau, c.lattice, c.bits, entropy=c.entropy),
 }
 
 
