@@ -9,7 +9,8 @@ retraining, distance to retraining (the attacked model's next to it) and client 
     python benchmarks/pareto.py --out runs/pareto     # the table and plot in docs/codec.md (~15 min on 2 cores)
     python benchmarks/pareto.py --quick               # a minute: one digits cell, 20 users, 30 rounds, 3 settings
 
-A setting is medu() keywords over the default (keep 0.5, tau 0.3, A2, 2 bits); ``--settings`` picks some by name.
+A setting is medu() keywords over its defaults (keep 0.5, tau 0.3, A2 3-bit codes ANS coded); ``--settings``
+picks some by name.
 """
 
 from __future__ import annotations
@@ -24,27 +25,28 @@ import jax
 import numpy as np
 
 from medu_jax import compressors as C, metrics, recovery as R, suite, tables as T
+from medu_jax.dither import entropy_clip
 from medu_jax.fedavg import train
 from medu_jax.unlearn import rebuild_error
 
 SETTINGS = {
-    "default": {},
-    "ANS": dict(entropy="ans"),
-    "3 bits ANS": dict(bits=3, entropy="ans"),
-    "EF ANS": dict(error_feedback=True, entropy="ans"),
-    "keep 0.25": dict(fraction=0.25),
-    "keep 0.25 ANS": dict(fraction=0.25, entropy="ans"),
-    "keep 0.2 ANS": dict(fraction=0.2, entropy="ans"),
-    "keep 0.25 EF ANS": dict(fraction=0.25, error_feedback=True, entropy="ans"),
-    "1 bit guard": dict(bits=1, guard=True),
+    "default": {},  # A2 3-bit codes, ANS coded
+    "A2 2 packed (old default)": dict(bits=2, entropy=None),
+    "A2 2 ANS": dict(bits=2),
+    "Z8 r2": dict(lattice="Z", bits=8, scale="rms", clip=entropy_clip(2.0, 8)),
+    "Z8 r1 wiener": dict(lattice="Z", bits=8, scale="rms", clip=entropy_clip(1.0, 8), gain="wiener"),
+    "EF": dict(error_feedback=True),
+    "keep 0.25 A2 2 ANS": dict(fraction=0.25, bits=2),
+    "keep 0.2": dict(fraction=0.2),
+    "keep 0.25 Z8 r1.2": dict(fraction=0.25, lattice="Z", bits=8, scale="rms", clip=entropy_clip(1.2, 8)),
+    "keep 0.25 EF": dict(fraction=0.25, error_feedback=True),
 }
 CELLS = (("digits", 0.3, "backdoor", 0.2), ("digits", None, "sign_flip", 0.2),
          ("mnist1d", 0.3, "targeted_flip", 0.1), ("mnist1d", None, "backdoor", 0.1))
 
 
 def compressor(options: dict) -> C.Compressor:
-    base = dict(fraction=0.5, tau=0.3, lattice="A2", bits=2)
-    return C.medu(**{**base, **options})
+    return C.medu(**options)
 
 
 def state_nbytes(state) -> int:
