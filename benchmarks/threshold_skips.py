@@ -164,7 +164,7 @@ def main() -> None:
                     help="MEDU's earlier default coder (A2 2-bit codes, packed) instead of the suite's")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
-    coder = {"medu": (0.5, 0.3, "A2", 2), "medu_options": ()} if args.packed2 else {}
+    coder = {"medu": (0.5, 0.3, "A2", 2), "medu_options": (("entropy", None),)} if args.packed2 else {}
     m1d = SuiteConfig(datasets=("mnist1d",), alphas=(0.3,), attacks=("targeted_flip",), shares=(0.1,), seeds=(0,),
                       methods=("adaptive",), finetune_costs=(), **coder)
     quick = dataclasses.replace(S.quick_config(), **coder)
