@@ -14,7 +14,8 @@ the encoder's closed-loop state (the peak server memory is history + state).
     python benchmarks/error_feedback.py --suite --datasets mnist1d digits --attacks backdoor scaled --seeds 0
 
 The setup is the scenario suite's (``medu_jax.suite``: MLP 128x128, 10 local steps of 32, lr 0.1, 10%
-targeted label flippers) with its MEDU setting (keep 0.5 of the users, tau 0.3, A2, 2 bits).
+targeted label flippers); the MEDU histories keep 0.5 of the users at tau 0.3, at A2 2 bits bit-packed (the
+default until 51a10a9) and at the default (A2 3 bits, ANS coded). ``--suite`` uses the suite's own MEDU setting.
 """
 
 from __future__ import annotations
@@ -40,10 +41,13 @@ def histories() -> dict:
         "sparsify 0.5 + EF": mj.chain(mj.error_feedback(), mj.user_sparsification(0.5, missing="zero")),
         "A2 2 bits": mj.lattice_coding("A2", 2),
         "A2 2 bits + EF": mj.chain(mj.error_feedback(), mj.lattice_coding("A2", 2)),
-        "MEDU (default)": mj.medu(0.5, 0.3, "A2", 2),
-        "MEDU + EF": mj.medu(0.5, 0.3, "A2", 2, error_feedback=True),
+        # the default until 51a10a9 (codes bit-packed), the setting of the docs' table
+        "MEDU 2 bits": mj.medu(0.5, 0.3, "A2", 2, entropy=None),
+        "MEDU 2 bits + EF": mj.medu(0.5, 0.3, "A2", 2, error_feedback=True, entropy=None),
         # a measured caveat: a guard (rows worse than zero stored as zero, the residual kept)
-        "MEDU + EF, guard": mj.medu(0.5, 0.3, "A2", 2, error_feedback=True, guard=True),
+        "MEDU 2 bits + EF, guard": mj.medu(0.5, 0.3, "A2", 2, error_feedback=True, guard=True, entropy=None),
+        "MEDU (default: A2 3 bits, ANS)": mj.medu(),
+        "MEDU (default) + EF": mj.medu(error_feedback=True),
         # scale="rms" with error feedback (refused at construction since: rebuild error 15% -> 28%) ran as
         # mj.chain(mj.error_feedback(), mj.lattice_coding("A2", 2, scale="rms"))
     }
