@@ -18,7 +18,7 @@ from medu_jax.compressors import (
     medu,
     user_sparsification,
 )
-from medu_jax.dither import QuantizerSpec, dequantize, quantize
+from medu_jax.dither import QuantizerSpec, dequantize, entropy_clip, quantize
 from medu_jax.fedavg import (ClientData, FedConfig, PackedClientData, RoundResult, ServerState, client_mesh, fed_round,
                              fed_rounds, init_server, recalibrate_state, server_update, shard_clients, train)
 from medu_jax.objectives import Classifier, Objective, Regressor, from_linen, from_nnx
@@ -36,6 +36,6 @@ __all__ = [
     "A2", "Classifier", "ClientData", "Objective", "PackedClientData", "Regressor", "RoundResult", "ServerState",
     "from_linen", "from_nnx", "init_server", "recalibrate_state", "server_update", "Recovery", "adaptive_recovery", "federaser", "fedrecover", "finetune_baseline", "recovery", "suite", "Compressor", "D4", "E8", "FedConfig", "History", "HistoryFileError", "Lattice", "Message", "QuantizerSpec",
     "Stats", "Z", "attacks", "baselines", "chain", "check_updates", "client_mesh", "compressor_key", "corrected_replay", "data", "dequantize",
-    "differential_threshold", "error_feedback", "fed_round", "fed_rounds", "finetune", "get_lattice", "rebuild_error", "identity", "lattice_coding", "load_history", "medu",
+    "block_threshold", "differential_threshold", "entropy_clip", "error_feedback", "fed_round", "fed_rounds", "finetune", "get_lattice", "rebuild_error", "identity", "lattice_coding", "load_history", "medu",
     "metrics", "models", "pack_bits", "quantize", "replay", "rum", "s3t", "save_history", "shard_clients", "store", "train", "unlearn", "unpack_bits", "user_sparsification", "zoga",
 ]
