@@ -188,3 +188,11 @@ def test_errors_name_the_problem():
     h, _ = chain_history()
     with pytest.raises(ValueError, match="naive replay"):
         mj.replay(h)
+
+
+def test_an_unguarded_one_bit_coder_after_block_thresholding_is_refused():
+    """Like the row threshold, the block threshold feeds decoded errors back through its reference: a 1-bit
+    coder that decodes worse than zero would diverge, so the chain is refused at construction."""
+    with pytest.raises(ValueError, match="blocks with 1-bit lattice coding cannot work"):
+        mj.chain(mj.block_threshold(0.2), mj.lattice_coding("Z", 1))
+    mj.chain(mj.block_threshold(0.2), mj.lattice_coding("Z", 1, guard=True))

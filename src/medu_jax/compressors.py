@@ -140,6 +140,7 @@ class ErrorFeedback:
 
     name: str = "feedback"
     kind = "filter"
+    closed_loop = True  # the carry feeds decoded errors back
 
     def init(self, like: Like) -> dict:
         return {"carry": like.treedef.unflatten(
@@ -240,6 +241,7 @@ class DifferentialThreshold:
     name: str = "threshold"
     reset: bool = False
     kind = "filter"
+    closed_loop = True  # decoded errors feed back through the reference
 
     def __post_init__(self):
         if not float(self.tau) >= 0.0:
@@ -427,7 +429,7 @@ class Compressor:
             layers = layers + (Identity(),)
         object.__setattr__(self, "layers", layers)
         coder = layers[-1]
-        loops = [f.name for f in filters if isinstance(f, (DifferentialThreshold, ErrorFeedback))]
+        loops = [f.name for f in filters if getattr(f, "closed_loop", False)]
         if (loops and isinstance(coder, LatticeCoding)
                 and coder.guard is None and coder.spec.decode_gain is None and coder.bits == 1):
             raise ValueError(

@@ -86,6 +86,7 @@ class BlockThreshold:
     lattice_dim: int = 2
     name: str = "blocks"
     kind = "filter"
+    closed_loop = True  # decoded errors feed back through the reference (see Compressor's 1-bit refusal)
 
     def __post_init__(self):
         if not (np.isfinite(float(self.tau)) and float(self.tau) >= 0.0):
