@@ -414,3 +414,16 @@ def test_a_diverging_run_says_so():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # an ordinary run does not warn
         mj.train(model.apply, tx, params0, clients, mj.FedConfig(rounds=2, local_steps=2, batch_size=8))
+
+
+def test_a_history_whose_closed_loop_blows_up_says_so():
+    """A 1-bit threshold loop whose guard lets every row through (guard 1e9) feeds a decoded error larger than the
+    update back each round: the model is fine (the history is only recorded) but the history diverged (relative
+    error ~1e6 here), and train names it; the default MEDU history of the same run does not warn."""
+    ds, clients, model, params0, tx, _ = setup()
+    bad = mj.chain(mj.differential_threshold(0.0), mj.lattice_coding("Z", 1, guard=1e9))
+    with pytest.warns(RuntimeWarning, match="history 'bad' diverged") as caught:
+        run = mj.train(model.apply, tx, params0, clients, mj.FedConfig(rounds=30, local_steps=2, batch_size=8),
+                       {"bad": bad, "ok": mj.medu()})
+    assert not any("'ok'" in str(w.message) for w in caught)
+    assert max(run.log["rel_error"]["bad"]) > 1e3 > max(run.log["rel_error"]["ok"])

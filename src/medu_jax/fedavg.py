@@ -655,6 +655,7 @@ def train(
         bar.close()
         rec.warn_if_idle(data, excl, t0, cfg.rounds)
         rec.warn_if_diverged(params0, server.params)
+        rec.warn_if_history_diverged()
         storage.finish(rec.histories)
         jax.block_until_ready(server.params)
         return TrainResult(server.params, rec.histories, rec.log, time.perf_counter() - start_time,

@@ -166,6 +166,20 @@ class Recorder:
                           f"{growth:g}x); check the learning rates and the clients' updates (update_scale)",
                           RuntimeWarning, stacklevel=3)
 
+    def warn_if_history_diverged(self, bound: float = 1e3) -> None:
+        """A history whose decoded updates were more than ``bound`` times (in squared norm) farther from the true
+        updates than the updates' own size, or non-finite, in some round has a closed loop that blew up even if
+        the model did not: say which history and round. (Error feedback's rows legitimately reach ~100x, with
+        the rounds they carry; a diverged 1-bit loop reached 2.5e7.)"""
+        for name, errs in self.log["rel_error"].items():
+            e = np.asarray(errs, np.float64)
+            bad = np.flatnonzero(~(e <= bound))
+            if bad.size:
+                warnings.warn(f"train: history {name!r} diverged: in {bad.size} round(s), first round {int(bad[0])}, "
+                              f"its decoded updates were {e[bad[0]]:.3g}x the updates' squared norm away from them "
+                              f"(bound {bound:g}); its replay will not rebuild the model: use more bits, "
+                              "guard=True or a chain without the closed loop", RuntimeWarning, stacklevel=3)
+
     def warn_if_idle(self, data, excl: np.ndarray, t0: int, rounds: int) -> None:
         """A run in which no update entered the aggregate did not train: say so, and why."""
         if self.entered or rounds <= t0:
