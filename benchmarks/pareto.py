@@ -54,19 +54,16 @@ def state_nbytes(state) -> int:
 
 
 def run_cell(cell: dict, cfg: suite.SuiteConfig, settings: dict) -> list[dict]:
-    ds, clients, bad, scale, pixels, value, apply_fn, tx, params0, fed = suite.setup_cell(cell, cfg)
+    setup = suite.setup_cell(cell, cfg)
+    ds, clients, bad, scale, _, _, apply_fn, tx, params0, fed = setup
     comps = {name: compressor(opts) for name, opts in settings.items()}
     trained = train(apply_fn, tx, params0, clients, fed, comps, update_scale=scale)
     w_retrain = train(apply_fn, tx, params0, clients, fed, exclude=bad, update_scale=scale).params
 
     def evaluate(w) -> dict:
-        out = {"accuracy": metrics.accuracy(apply_fn, w, ds.x_test, ds.y_test),
-               "dist_to_retrain": metrics.relative_distance(w, w_retrain)}
-        if cell["attack"] == "backdoor":
-            out["attack_success"] = metrics.attack_success(apply_fn, w, ds.x_test, ds.y_test, cfg.target, pixels, value)
-        elif cell["attack"] == "targeted_flip":
-            out["attack_success"] = metrics.flip_success(apply_fn, w, ds.x_test, ds.y_test, cfg.source, cfg.flip_target)
-        return out
+        return {"accuracy": metrics.accuracy(apply_fn, w, ds.x_test, ds.y_test),
+                "dist_to_retrain": metrics.relative_distance(w, w_retrain),
+                "attack_success": setup.attack_success(w, cell["attack"], cfg)}
 
     ref, attacked = evaluate(w_retrain), evaluate(trained.params)
     rows = []

@@ -225,6 +225,19 @@ def fit(lattices, bit_widths, n: int, group: int | None, gain: str | None) -> di
     return best
 
 
+def report(title: str, head: list, cells: list, rows: list[dict], start: float, json_path: str | None) -> None:
+    """Prints a table (the title line, then Markdown) and the elapsed time; writes the rows to ``json_path``."""
+    print(title)
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for c in cells:
+        print("| " + " | ".join(str(x) for x in c) + " |")
+    print(f"({time.perf_counter() - start:.1f} s)")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="Z at 1-2 bits, 2^14 entries: seconds")
@@ -241,28 +254,19 @@ def main(argv=None) -> None:
     if args.history:
         start = time.perf_counter()
         rows = histories(30, 20)
-        print("digits, 20 users Dir(0.3), 30 rounds; every chain: keep 0.5 of the users, tau 0.3, then the coder")
-        print("| coder | bytes | ratio to float32 | mean rel. sq. error | append (s) | payload (s) |")
-        print("|---|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['history']} | {r['bytes']} | {r['ratio']:.1f}x | {r['rel_error']:.4f} | {r['append_s']:.2f} | "
-                  f"{r['payload_s']:.2f} |")
-        print(f"({time.perf_counter() - start:.1f} s)")
+        report("digits, 20 users Dir(0.3), 30 rounds; every chain: keep 0.5 of the users, tau 0.3, then the coder",
+               ["coder", "bytes", "ratio to float32", "mean rel. sq. error", "append (s)", "payload (s)"],
+               [[r["history"], r["bytes"], f"{r['ratio']:.1f}x", f"{r['rel_error']:.4f}", f"{r['append_s']:.2f}",
+                 f"{r['payload_s']:.2f}"] for r in rows], rows, start, args.json)
         return
     if args.codecs:
         start = time.perf_counter()
         rows = codecs(n)
-        print(f"Lossless coding of the packed code words of one N(0,1) vector of {n} entries; bits per stored "
-              "entry (codes only, model and headers included) and end-to-end throughput (M entries/s, best of 3)")
-        print("| codes | entropy | coder | bits/entry | encode | decode |")
-        print("|---|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['setting']} | {r['entropy']:.3f} | {r['codec']} | {r['bits_per_entry']:.3f} | "
-                  f"{r['enc_meps']:.0f} | {r['dec_meps']:.0f} |")
-        print(f"({time.perf_counter() - start:.1f} s)")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
+        report(f"Lossless coding of the packed code words of one N(0,1) vector of {n} entries; bits per stored "
+               "entry (codes only, model and headers included) and end-to-end throughput (M entries/s, best of 3)",
+               ["codes", "entropy", "coder", "bits/entry", "encode", "decode"],
+               [[r["setting"], f"{r['entropy']:.3f}", r["codec"], f"{r['bits_per_entry']:.3f}",
+                 f"{r['enc_meps']:.0f}", f"{r['dec_meps']:.0f}"] for r in rows], rows, start, args.json)
         return
     lattices = ["Z"] if args.quick else ["Z", "A2", "D4", "E8"]
     lattices = args.lattices.split(",") if args.lattices else lattices
@@ -274,18 +278,12 @@ def main(argv=None) -> None:
         return
     rules = ["maxabs", "rms", "rms-fit-gain"] if args.quick else list(RULES)
     rows = entropy_table(n, args.group) if args.entropy else table(lattices, bit_widths, rules, n, args.group)
-    print(f"Gaussian N(0,1), {n} entries per vector, "
-          f"{'one scale per vector' if args.group is None else f'one scale per {args.group} entries'}; "
-          "MSE relative to the variance; rate = stored bits per entry (codes + scales + padding)")
-    print("| lattice | bits | rule | clip | rate | MSE | D(R) | gap dB | overload |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['lattice']} | {r['bits']} | {r['rule']} | {r['clip']:g} | {r['rate']:.4f} | {r['mse']:.4f} | "
-              f"{r['d_r']:.4f} | {r['gap_db']:+.2f} | {r['overload']} |")
-    print(f"({time.perf_counter() - start:.1f} s)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    report(f"Gaussian N(0,1), {n} entries per vector, "
+           f"{'one scale per vector' if args.group is None else f'one scale per {args.group} entries'}; "
+           "MSE relative to the variance; rate = stored bits per entry (codes + scales + padding)",
+           ["lattice", "bits", "rule", "clip", "rate", "MSE", "D(R)", "gap dB", "overload"],
+           [[r["lattice"], r["bits"], r["rule"], f"{r['clip']:g}", f"{r['rate']:.4f}", f"{r['mse']:.4f}",
+             f"{r['d_r']:.4f}", f"{r['gap_db']:+.2f}", r["overload"]] for r in rows], rows, start, args.json)
 
 
 if __name__ == "__main__":

@@ -212,6 +212,18 @@ class CellSetup(NamedTuple):
     params0: Any
     fed: FedConfig
 
+    def attack_success(self, params, attack: str, cfg: SuiteConfig) -> float:
+        """The attack's own success on the test set: triggered samples predicted as the target (backdoor),
+        source-class samples predicted as the flip target (targeted flip); NaN for the untargeted attacks
+        (scaled / sign flip), whose measure is clean accuracy."""
+        ds = self.ds
+        if attack == "backdoor":
+            return metrics.attack_success(self.apply_fn, params, ds.x_test, ds.y_test, cfg.target, self.pixels,
+                                          self.value)
+        if attack == "targeted_flip":
+            return metrics.flip_success(self.apply_fn, params, ds.x_test, ds.y_test, cfg.source, cfg.flip_target)
+        return float("nan")
+
 
 def setup_cell(cell: dict, cfg: SuiteConfig) -> CellSetup:
     """The cell's data set, partition and attack, its model, optimizer and initial params."""
@@ -239,8 +251,8 @@ def setup_cell(cell: dict, cfg: SuiteConfig) -> CellSetup:
 
 def run_cell(cell: dict, cfg: SuiteConfig) -> dict[str, Any]:
     """One scenario: train with attackers, retrain, unlearn with every method from both histories."""
-    ds, clients, bad, scale, pixels, value, apply_fn, tx, params0, fed = setup_cell(cell, cfg)
-    attack = cell["attack"]
+    setup = setup_cell(cell, cfg)
+    ds, clients, bad, scale, _, _, apply_fn, tx, params0, fed = setup
     histories = {"float32": C.identity(), "medu": cfg.compressor()}
     trained = train(apply_fn, tx, params0, clients, fed, histories, update_scale=scale)
     t0 = time.perf_counter()
@@ -250,17 +262,10 @@ def run_cell(cell: dict, cfg: SuiteConfig) -> dict[str, Any]:
     xm, ym = _members(clients, bad)
     mia_n = min(len(ym), len(ds.y_test))  # as many members as non-members
 
-    def attack_success(params) -> float:
-        if attack == "backdoor":
-            return metrics.attack_success(apply_fn, params, ds.x_test, ds.y_test, cfg.target, pixels, value)
-        if attack == "targeted_flip":
-            return metrics.flip_success(apply_fn, params, ds.x_test, ds.y_test, cfg.source, cfg.flip_target)
-        return float("nan")  # untargeted (scaled / sign flip): clean accuracy is the attack's measure
-
     def evaluate(params) -> dict:
         return {
             "accuracy": metrics.accuracy(apply_fn, params, ds.x_test, ds.y_test),
-            "attack_success": attack_success(params),
+            "attack_success": setup.attack_success(params, cell["attack"], cfg),
             "dist_to_retrain": metrics.relative_distance(params, w_retrain),
             "mia_auc": metrics.membership_auc(apply_fn, params, xm[:mia_n], ym[:mia_n], ds.x_test[:mia_n],
                                               ds.y_test[:mia_n]),
