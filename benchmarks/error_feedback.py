@@ -15,7 +15,8 @@ the encoder's closed-loop state (the peak server memory is history + state).
 
 The setup is the scenario suite's (``medu_jax.suite``: MLP 128x128, 10 local steps of 32, lr 0.1, 10%
 targeted label flippers); the MEDU histories keep 0.5 of the users at tau 0.3, at A2 2 bits bit-packed (the
-default until 51a10a9) and at the default (A2 3 bits, ANS coded). ``--suite`` uses the suite's own MEDU setting.
+default until 51a10a9), at A2 3 bits ANS coded, without and with (the default) the model correction.
+``--suite`` uses the suite's own MEDU setting.
 """
 
 from __future__ import annotations
@@ -42,20 +43,23 @@ def histories() -> dict:
         "A2 2 bits": mj.lattice_coding("A2", 2),
         "A2 2 bits + EF": mj.chain(mj.error_feedback(), mj.lattice_coding("A2", 2)),
         # the default until 51a10a9 (codes bit-packed), the setting of the docs' table
-        "MEDU 2 bits": mj.medu(0.5, 0.3, "A2", 2, entropy=None),
-        "MEDU 2 bits + EF": mj.medu(0.5, 0.3, "A2", 2, error_feedback=True, entropy=None),
+        "MEDU 2 bits": mj.medu(0.5, 0.3, "A2", 2, entropy=None, correction=False),
+        "MEDU 2 bits + EF": mj.medu(0.5, 0.3, "A2", 2, error_feedback=True, entropy=None, correction=False),
         # a measured caveat: a guard (rows worse than zero stored as zero, the residual kept)
-        "MEDU 2 bits + EF, guard": mj.medu(0.5, 0.3, "A2", 2, error_feedback=True, guard=True, entropy=None),
-        "MEDU (default: A2 3 bits, ANS)": mj.medu(),
-        "MEDU (default) + EF": mj.medu(error_feedback=True),
+        "MEDU 2 bits + EF, guard": mj.medu(0.5, 0.3, "A2", 2, error_feedback=True, guard=True, entropy=None,
+                                           correction=False),
+        "MEDU A2 3 bits, ANS (the default until the model correction)": mj.medu(correction=False),
+        "MEDU A2 3 bits, ANS + EF": mj.medu(error_feedback=True, correction=False),
+        "MEDU (default: A2 3 bits, ANS, model correction)": mj.medu(),
         # scale="rms" with error feedback (refused at construction since: rebuild error 15% -> 28%) ran as
         # mj.chain(mj.error_feedback(), mj.lattice_coding("A2", 2, scale="rms"))
     }
 
 
 def state_bytes(comp, like) -> int:
-    state = jax.eval_shape(comp.init, like.zeros())
-    return int(sum(np.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(state["filters"])))
+    state = jax.eval_shape(comp.init, like.zeros())  # the filters' states and the model correction's carry
+    return int(sum(np.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves((state["filters"],
+                                                                                   state.get("correction")))))
 
 
 def run(dataset: str, alpha, cfg: SuiteConfig, short: int, long: int, seed: int = 0) -> list[dict]:

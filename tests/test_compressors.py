@@ -382,8 +382,10 @@ def test_default_configs_are_unchanged_and_new_options_round_trip():
         {"layer": "DifferentialThreshold", "tau": 0.3, "name": "threshold"},  # what the suite and the docs use
         {"layer": "LatticeCoding", "lattice": "A2", "bits": 3, "scale": "maxabs", "clip": 1.0, "group_size": None,
          "name": "lattice", "entropy": "ans"},
+        {"layer": "ModelCorrection", "lattice": "A2", "bits": 3, "scale": "maxabs", "clip": 1.0, "group_size": None,
+         "name": "lattice", "guard": 1.0, "entropy": "ans"},
     ]
-    assert "entropy" not in mj.medu(bits=2, entropy=None).config()[-1]  # the earlier default's config and bits
+    assert "entropy" not in mj.medu(bits=2, entropy=None, correction=False).config()[-1]  # the earlier default's
     for comp in (mj.medu(bits=1, guard=True), mj.medu(scale="rms", clip="fit", gain="wiener"),
                  mj.lattice_coding("E8", 16, clip="cover"), mj.medu(bits=3, entropy="ans")):
         again = Compressor.from_config(comp.config())

@@ -29,7 +29,7 @@ SETUP = textwrap.dedent(
     params0 = model.init(jax.random.key(0), jnp.zeros((1, 64)))
     tx = optax.sgd(0.1)
     cfg = mj.FedConfig(rounds=6, local_steps=2, batch_size=8, seed=1)
-    comps = {"medu": mj.medu(0.6, 0.2, "A2", 3), "f32": mj.identity()}
+    comps = {"medu": mj.medu(0.6, 0.2, "A2", 3, correction=True), "f32": mj.identity()}
     """
 )
 

@@ -68,7 +68,8 @@ def test_suite_options_from_the_command_line(tmp_path, capsys):
                          "adaptive,naive")
     assert cfg.methods == ("adaptive", "naive")
     assert cfg.medu == (0.25, 0.3, "A2", 1) and dict(cfg.medu_options) == {"guard": True, "scale": "rms",
-                                                                          "clip": "fit", "entropy": "ans"}
+                                                                          "clip": "fit", "entropy": "ans",
+                                                                          "correction": True}
     assert cfg.sign_flip_scale == 2.0 and cfg.min_ratio == 100.0
     assert cfg.compressor() == mj.medu(0.25, 0.3, "A2", 1, guard=True, scale="rms", clip="fit", entropy="ans")
     assert S._config_json(cfg) != S._config_json(S.quick_config())  # stored cells of another setting are not reused

@@ -16,6 +16,7 @@ from medu_jax.compressors import (
     identity,
     lattice_coding,
     medu,
+    model_correction,
     user_sparsification,
 )
 from medu_jax.dither import QuantizerSpec, dequantize, entropy_clip, quantize
@@ -36,6 +37,6 @@ __all__ = [
     "A2", "Classifier", "ClientData", "Objective", "PackedClientData", "Regressor", "RoundResult", "ServerState",
     "from_linen", "from_nnx", "init_server", "recalibrate_state", "server_update", "Recovery", "adaptive_recovery", "federaser", "fedrecover", "finetune_baseline", "recovery", "suite", "Compressor", "D4", "E8", "FedConfig", "History", "HistoryFileError", "Lattice", "Message", "QuantizerSpec",
     "Stats", "Z", "attacks", "baselines", "chain", "check_updates", "client_mesh", "compressor_key", "corrected_replay", "data", "dequantize",
-    "block_threshold", "differential_threshold", "entropy_clip", "error_feedback", "fed_round", "fed_rounds", "finetune", "get_lattice", "rebuild_error", "identity", "lattice_coding", "load_history", "medu",
+    "block_threshold", "differential_threshold", "entropy_clip", "error_feedback", "fed_round", "fed_rounds", "finetune", "get_lattice", "rebuild_error", "identity", "lattice_coding", "load_history", "medu", "model_correction",
     "metrics", "models", "pack_bits", "quantize", "replay", "rum", "s3t", "save_history", "shard_clients", "store", "train", "unlearn", "unpack_bits", "user_sparsification", "zoga",
 ]

@@ -8,7 +8,9 @@ A compressor is a hashable, static configuration (usable as a jit static argumen
 
 ``encode(updates, state, key, active)`` returns the ``Message`` to store, the new state, the decoded updates
 (the server's closed-loop view) and measurements; ``decode(message, state, key)`` replays the same
-reconstruction from a stored message. Encoder and decoder states evolve identically (closed loop, like DPCM),
+reconstruction from a stored message. Optionally (``model_correction``) a chain also codes, once per round, the
+global model's correction: the trained step minus what its decoded rows replay, closed loop, so a replay with
+nobody removed follows the trained trajectory (``Compressor.correct``). Encoder and decoder states evolve identically (closed loop, like DPCM),
 so replaying a history with ``decode`` gives bit-for-bit the values the encoder saw.
 
 A single layer is itself a compressor (an identity coder is appended when no coder is given), and
@@ -45,12 +47,14 @@ class Message(NamedTuple):
     flags: {layer name: {flag: (K,) bool}} written by the filter layers.
     rows: the coder's payload, a pytree whose leaves have a slot axis first (``Compressor.capacity`` rows):
       slot j holds the j-th present user's row, later slots are unused (and never stored).
+    correction: the round's coded model correction (one row of ``Compressor.correction``'s coder), or None.
     """
 
     active: Array
     present: Array
     flags: dict
     rows: PyTree
+    correction: PyTree = None
 
 
 class Stats(NamedTuple):
@@ -101,6 +105,14 @@ def tree_sq_norm(tree: PyTree) -> Array:
         for x in jax.tree.leaves(tree)
     ]
     return sum(parts[1:], parts[0])
+
+
+def _norm(tree: PyTree) -> Array:
+    """The 2-norm of a pytree's float32 entries, scaled by their largest magnitude so huge values do not overflow."""
+    leaves = [x.astype(jnp.float32).ravel() for x in jax.tree.leaves(tree)]
+    m = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x), initial=0.0) for x in leaves])
+    d = jnp.where(m > 0, m, 1.0)
+    return m * jnp.sqrt(sum(jnp.sum(jnp.square(x / d)) for x in leaves))
 
 
 def scaled_sq_norms(a: PyTree, b: PyTree) -> tuple[Array, Array]:
@@ -385,17 +397,30 @@ def register_filter(layer: type, position: int) -> type:
     return layer
 
 
+CORRECTION_LAYER = "ModelCorrection"  # the correction's entry in ``Compressor.config``
+CORRECTION_STREAM = 7  # fold_in tag of the correction coder's key within a round (the layers use 0-3)
+
 _OPT_IN_DEFAULTS = {"LatticeCoding": {"gain": None, "guard": None, "entropy": None},
                     "DifferentialThreshold": {"reset": False}}
 
 
 @dataclasses.dataclass(frozen=True)
 class Compressor:
-    """A chain of MEDU layers: filters in MEDU's order, then one coder. Hashable and jit-static."""
+    """A chain of MEDU layers: filters in MEDU's order, then one coder. Hashable and jit-static.
+
+    ``correction``: the lattice coder of the per-round model correction (``model_correction``), or None.
+    """
 
     layers: tuple
+    correction: LatticeCoding | None = None
 
     def __post_init__(self):
+        cor = self.correction
+        if cor is not None and not isinstance(cor, LatticeCoding):
+            raise TypeError(f"Compressor.correction must be a LatticeCoding or None, got {type(cor).__name__}")
+        if cor is not None and cor.bits == 1 and cor.guard is None and cor.spec.decode_gain is None:
+            raise ValueError("model_correction with 1-bit codes cannot work: they decode with an error larger than "
+                             "their input, and the correction's closed loop feeds it back and diverges; use 2 or more bits")
         layers = tuple(self.layers)
         coders = [layer for layer in layers if layer.kind == "coder"]
         if len(coders) > 1:
@@ -472,20 +497,29 @@ class Compressor:
                 if d.get(key) == default:
                     d.pop(key)
             out.append({"layer": type(layer).__name__, **d})
+        if self.correction is not None:  # a trailing pseudo-layer, so configs without it are unchanged
+            d = dataclasses.asdict(self.correction)
+            for key, default in _OPT_IN_DEFAULTS["LatticeCoding"].items():
+                if d.get(key) == default:
+                    d.pop(key)
+            out.append({"layer": CORRECTION_LAYER, **d})
         return out
 
     @classmethod
     def from_config(cls, config: list[dict]) -> "Compressor":
         """Rebuilds a compressor from ``config()`` output."""
         kinds = {c.__name__: c for c in (*_FILTER_ORDER, Identity, LatticeCoding)}
-        layers = []
+        layers, correction = [], None
         for item in config:
             item = dict(item)
             name = item.pop("layer", None)
+            if name == CORRECTION_LAYER:
+                correction = LatticeCoding(**item)
+                continue
             if name not in kinds:
                 raise ValueError(f"unknown compressor layer {name!r} in config: expected one of {sorted(kinds)}")
             layers.append(kinds[name](**item))
-        return cls(tuple(layers))
+        return cls(tuple(layers), correction)
 
     @property
     def shares_reference(self) -> bool:
@@ -509,7 +543,10 @@ class Compressor:
         states = [f.init(like) for f in self.filters]
         if self.shares_reference:
             states[self._shared[0]] = {}
-        return {"like": _Static(like), "filters": tuple(states)}
+        out = {"like": _Static(like), "filters": tuple(states)}
+        if self.correction is not None:  # e = trained model - replayed model, before the round (float32)
+            out["correction"] = jax.tree.map(lambda x: jnp.zeros(x.shape[1:], jnp.float32), template)
+        return out
 
     def encode(self, updates: PyTree, state: dict, key: Array, active: Array | None = None):
         """Compresses one round. Returns (message, new_state, decoded, valid, stats); jit-able."""
@@ -552,6 +589,36 @@ class Compressor:
         )
         return message, new_state, decoded, valid, stats
 
+    def correct(self, message: Message, state: dict, step: PyTree, replayed: PyTree, key: Array):
+        """Codes round t's model correction into ``message`` (closed loop). ``step`` is the trained model's
+        change in the round, ``replayed`` the change a replay makes from the round's decoded rows (FedAvg's
+        server_lr x weighted mean of the decoded updates). With e the trained model minus the replayed one before
+        the round, the target is c = e + step - replayed; its decoded value c^ joins the replay, and e becomes
+        c - c^: one round's coding error, so the replayed model never drifts from the trained one.
+        Returns (message, new_state, (||c - c^||, ||c||))."""
+        if self.correction is None:
+            raise ValueError("this compressor codes no model correction (model_correction())")
+        e = state["correction"]
+        c = jax.tree.map(lambda a, b, r: a + b.astype(jnp.float32) - r.astype(jnp.float32), e, step, replayed)
+        like = Like.of(jax.tree.map(lambda x: x[None], c))
+        users = jnp.zeros((1,), jnp.int32)
+        ckey = jax.random.fold_in(key, CORRECTION_STREAM)
+        x = jax.tree.map(lambda v: v[None], c)
+        rows, _ = self.correction.encode(x, ckey, like, users)
+        dec = self.correction.decode(rows, ckey, like, users)
+        if self.correction.guard is not None:  # a row decoding worse than zero is stored as zero: ||c - c^|| <= ||c||
+            rows, dec, _ = self.correction.guard_rows(rows, dec, x, users)
+        c_hat = jax.tree.map(lambda v: v[0].astype(jnp.float32), dec)
+        err = jax.tree.map(jnp.subtract, c, c_hat)
+        return message._replace(correction=rows), {**state, "correction": err}, (_norm(err), _norm(c))
+
+    def decode_correction(self, rows: PyTree, key: Array, like: Like) -> PyTree:
+        """Round t's decoded model correction c^ (float32, shaped like one user's update) from its stored row;
+        ``key`` is the round's compressor key, ``like`` the update structure."""
+        one = Like(like.treedef, tuple(((1, *s[1:]), "float32") for s, _ in like.leaves))
+        dec = self.correction.decode(rows, jax.random.fold_in(key, CORRECTION_STREAM), one, jnp.zeros((1,), jnp.int32))
+        return jax.tree.map(lambda x: x[0].astype(jnp.float32), dec)
+
     def decode(self, message: Message, state: dict, key: Array):
         """Reconstructs one round from a stored message. Returns (decoded, valid, new_state); jit-able.
 
@@ -583,7 +650,7 @@ class Compressor:
                 continue
             x, valid, new[pos] = f.restore(x, valid, flags, new[pos], message.active)
         x = tree_where(valid, x, jax.tree.map(jnp.zeros_like, x))
-        return x, valid, {"like": state["like"], "filters": tuple(new)}
+        return x, valid, {**state, "filters": tuple(new)}  # a model correction's carry passes through
 
 
 @jax.tree_util.register_static
@@ -646,16 +713,32 @@ def lattice_coding(
 
 def chain(*compressors: Compressor) -> Compressor:
     """Composes compressors into one, in MEDU's order (sparsify, threshold, coder)."""
-    layers = []
+    layers, corrections = [], []
     for c in compressors:
         if not isinstance(c, Compressor):
             raise TypeError(f"chain() takes compressors, got {type(c).__name__}")
-        # a filter's compressor carries an implicit identity coder; drop it so the chain's own coder follows
-        implicit = len(c.layers) > 1 and isinstance(c.layers[-1], Identity)
+        if c.correction is not None:
+            corrections.append(c.correction)
+        # a filter's compressor carries an implicit identity coder; drop it so the chain's own coder follows (a
+        # model_correction() alone brings only its correction)
+        implicit = isinstance(c.layers[-1], Identity) and (len(c.layers) > 1 or c.correction is not None)
         layers.extend(c.layers[:-1] if implicit else c.layers)
+    if len(corrections) > 1:
+        raise ValueError(f"a chain takes at most one model_correction, got {len(corrections)}")
     if len(layers) == 0:
         layers = [Identity()]
-    return Compressor(tuple(layers))
+    return Compressor(tuple(layers), corrections[0] if corrections else None)
+
+
+def model_correction(lattice: str = "A2", bits: int = 3, scale: str = "maxabs", entropy: str | None = "ans") -> Compressor:
+    """The per-round model correction (``Compressor.correct``), to put in a chain: one coded row per round, the
+    trained step minus what the round's decoded rows replay plus the error left by the previous correction, so
+    ``replay`` with nobody removed and recovery's original trajectory follow the trained model (error: one
+    round's coding error of the correction, not the sum over rounds). Costs one row per round (about 1 / (users
+    stored per round) of the history) and a float32 model-sized encoder state. FedAvg's server step only.
+    Guarded: a correction that would decode worse than zero is stored as zero (A2 at 2 bits does on 2-entry
+    models), so the carry never grows in a round."""
+    return Compressor((Identity(),), LatticeCoding(lattice, bits, scale, entropy=entropy, guard=True))
 
 
 def medu(
@@ -671,6 +754,7 @@ def medu(
     guard: bool = False,
     error_feedback: bool = False,
     entropy: str | None = "ans",
+    correction: bool = True,
 ) -> Compressor:
     """Full MEDU: user sparsification, differential thresholding and dithered lattice coding. The defaults
     (keep 0.5 of the users, tau 0.3, A2 3-bit codes stored ANS coded) are the setting the demo and the scenario
@@ -690,6 +774,10 @@ def medu(
 
     ``entropy="ans"`` (the default) stores the lattice code words ANS coded (lossless, host side: same decoded
     bits, fewer bytes; see ``lattice_coding`` and ``medu_jax.entropy``); None stores them bit-packed.
+
+    ``correction=True`` (the default) adds ``model_correction`` with the chain's lattice, bits, scale and entropy
+    coding: one more row per round (4% of the default history's bytes), and replay with nobody removed, and
+    recovery's original trajectory, follow the trained model (rebuild error 0.1-0.6% instead of 3-12%).
     """
     if missing is None:
         missing = "zero" if error_feedback else "last"
@@ -698,6 +786,7 @@ def medu(
         user_sparsification(fraction, mode=mode, missing=missing),
         differential_threshold(tau, reset=bool(guard) or bool(error_feedback)),
         lattice_coding(lattice, bits, scale, clip, gain=gain, guard=True if guard else None, entropy=entropy),
+        *((model_correction(lattice, bits, scale, entropy),) if correction else ()),
     )
 
 

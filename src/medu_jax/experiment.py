@@ -73,6 +73,7 @@ class ExperimentConfig:
     lattice: str = "A2"
     bits: int = 3
     entropy: str | None = "ans"  # the stored lattice codes ANS coded (None: bit-packed)
+    correction: bool = True  # the MEDU history codes the per-round model correction (compressors.model_correction)
     methods: tuple = ("float32", "sparsify", "threshold", "lattice", "medu")
     unlearn_methods: tuple = ("adaptive",)
     tune_rounds: int = 2
@@ -147,7 +148,7 @@ METHODS = {
     "sparsify": lambda c: C.user_sparsification(c.fraction),
     "threshold": lambda c: C.differential_threshold(c.tau),
     "lattice": lambda c: C.lattice_coding(c.lattice, c.bits, entropy=c.entropy),
-    "medu": lambda c: C.medu(c.fraction, c.tau, c.lattice, c.bits, entropy=c.entropy),
+    "medu": lambda c: C.medu(c.fraction, c.tau, c.lattice, c.bits, entropy=c.entropy, correction=c.correction),
 }
 
 

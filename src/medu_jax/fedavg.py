@@ -455,6 +455,8 @@ class RoundOutputs(NamedTuple):
     updates: PyTree  # the (B, K, ...) updates when asked for (host-side selections), else None
     loss: jax.Array = None  # (B,) the active clients' weighted mean training loss
     metrics: dict = None  # the objective's metrics, (B,) each, weighted like the loss
+    model_gap: tuple = ()  # per compressor: (B,) float32 ||trained - replayed model|| after the round (a model
+    # correction's coding error), NaN for compressors without ``model_correction``
 
 
 def fed_rounds(model, tx, cfg: FedConfig, server: ServerState, data: ClientData, exclude=None, update_scale=None,
@@ -487,13 +489,20 @@ def _fed_rounds(model, tx, cfg: FedConfig, server: ServerState, data: ClientData
                    srv.seed, srv.server_lr)
         params, opt = (r.params, srv.opt_state) if server_tx is None else \
             server_update(server_tx, srv.params, srv.opt_state, r.mean_update, srv.server_lr)
-        msgs, new, over, err = [], [], [], []
+        msgs, new, over, err, gap = [], [], [], [], []
         for comp, st in zip(compressors, sts):
-            msg, st, _, _, stats = comp.encode(r.updates, st, compressor_key(srv.seed, srv.round), r.active)
+            key = compressor_key(srv.seed, srv.round)
+            msg, st, decoded, valid, stats = comp.encode(r.updates, st, key, r.active)
+            g = jnp.float32(jnp.nan)
+            if comp.correction is not None:  # what replay does with the decoded rows vs the trained step
+                replayed = jax.tree.map(lambda m: srv.server_lr * m.astype(jnp.float32),
+                                        weighted_mean(decoded, valid, data.n.astype(jnp.float32)))
+                step = jax.tree.map(lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), params, srv.params)
+                msg, st, (g, _) = comp.correct(msg, st, step, replayed, key)
             msgs.append(msg), new.append(st), over.append(stats.overload)
-            err.append(rel_error(stats))
+            err.append(rel_error(stats)), gap.append(g)
         out = RoundOutputs(r.active, r.rejected, tuple(msgs), tuple(over), tuple(err),
-                           r.updates if with_updates else None, r.loss, r.metrics)
+                           r.updates if with_updates else None, r.loss, r.metrics, tuple(gap))
         return (srv._replace(params=params, model_state=r.model_state, opt_state=opt, round=srv.round + 1),
                 tuple(new)), out
 

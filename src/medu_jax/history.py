@@ -32,6 +32,14 @@ def compressor_key(seed: int, round_index) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=64)
+def _correction_like(compressor: Compressor, like: Like):
+    one = Like(like.treedef, tuple(((1, *s[1:]), "float32") for s, _ in like.leaves))
+    users = jax.ShapeDtypeStruct((1,), jnp.int32)
+    return jax.eval_shape(lambda x, u: compressor.correction.encode(x, jax.random.key(0), one, u)[0],
+                          one.abstract(), users)
+
+
+@functools.lru_cache(maxsize=64)
 def _rows_like(compressor: Compressor, like: Like):
     coder = compressor.coder
     users = jax.ShapeDtypeStruct((compressor.capacity(like.num_users),), jnp.int32)
@@ -67,6 +75,15 @@ def compact(message: Message, compressor: Compressor | None = None) -> dict[str,
             record[f"ans:{i}"] = encode_words(rows, compressor.coder.bits)
         else:
             record[f"row:{i}"] = rows
+    if message.correction is not None:  # the model correction's one row: "cans:i" entropy coded, else "corr:i"
+        paths = jax.tree_util.tree_flatten_with_path(message.correction)[0]
+        for i, (path, leaf) in enumerate(paths):
+            a = np.ascontiguousarray(np.asarray(leaf))
+            if compressor is not None and compressor.correction.entropy is not None and \
+                    jax.tree_util.keystr(path) == "['words']":
+                record[f"cans:{i}"] = encode_words(a, compressor.correction.bits)
+            else:
+                record[f"corr:{i}"] = a
     return record
 
 
@@ -239,11 +256,40 @@ class History:
             rows.append(full)
         return row_def.unflatten(rows)
 
+    @property
+    def has_corrections(self) -> bool:
+        """True when every record holds a model correction row: the compressor codes them
+        (``compressors.model_correction``) and ``train`` recorded the rounds (a message from ``encode`` alone
+        has none)."""
+        return (self.compressor.correction is not None and bool(self.records)
+                and all(any(k.startswith(("corr:", "cans:")) for k in r) for r in self.records))
+
+    def corrections(self, rounds: range | list[int] | None = None, length: int | None = None) -> PyTree:
+        """The model correction rows of ``rounds`` (default all; None without corrections), stacked on a leading
+        round axis (leaves (rounds, 1, ...)), zero-padded to ``length`` rounds if given."""
+        return self._corrections(self._records(rounds), length)
+
+    def _corrections(self, recs: list, length: int | None = None) -> PyTree:
+        if not self.has_corrections:
+            return None
+        length = len(recs) if length is None else int(length)
+        like = _correction_like(self.compressor, self.like)
+        leaves, treedef = jax.tree_util.tree_flatten(like)
+        out = []
+        for i, sd in enumerate(leaves):
+            full = np.zeros((length, *sd.shape), sd.dtype)
+            for t, r in enumerate(recs):
+                full[t] = decode_words(r[f"cans:{i}"], self.compressor.correction.bits, sd.shape) \
+                    if f"cans:{i}" in r else r[f"corr:{i}"]
+            out.append(full)
+        return treedef.unflatten(out)
+
     def expand(self, rounds: range | list[int] | None = None) -> Message:
-        """Full static-shaped messages for ``rounds`` (default all), stacked on a leading round axis."""
+        """Full static-shaped messages for ``rounds`` (default all), stacked on a leading round axis, with their
+        model correction rows when the compressor codes them."""
         recs = self._records(rounds)
         # built on the host, moved to the device in one transfer
-        return jax.device_put(Message(*self._masks(recs), self._payload(recs)))
+        return jax.device_put(Message(*self._masks(recs), self._payload(recs), self._corrections(recs)))
 
     def skip_rates(self) -> dict:
         """What each filter layer left out, from the stored masks and flags (no decoding):
@@ -282,14 +328,20 @@ class History:
         )
         return out
 
+    @property
+    def correction_nbytes(self) -> int:
+        """Bytes of the model correction rows (part of ``nbytes``; 0 without corrections)."""
+        return int(sum(a.nbytes for r in self.records for k, a in r.items() if k.startswith(("corr:", "cans:"))))
+
     def summary(self) -> dict:
-        """Sizes in bytes and the ratio to float32 history."""
+        """Sizes in bytes (the model corrections' share too) and the ratio to float32 history."""
         f32 = self.float32_nbytes
         return {
             "rounds": self.num_rounds,
             "users": self.num_users,
             "params": self.num_params,
             "bytes": self.nbytes,
+            "correction_bytes": self.correction_nbytes,
             "float32_bytes": f32,
             "ratio": f32 / max(self.nbytes, 1),
         }

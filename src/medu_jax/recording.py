@@ -70,6 +70,15 @@ class Recorder:
         unknown = sorted(set(selections) - set(compressors))
         if unknown:
             raise ValueError(f"selections for unknown histories {unknown}; histories are {sorted(compressors)}")
+        for name, comp in compressors.items():
+            if comp.correction is None:
+                continue
+            if server_tx is not None:
+                raise ValueError(f"history {name!r}: model_correction codes FedAvg's step (server_lr x mean); this "
+                                 "run has a server optimizer, whose replay is not that step: drop the correction")
+            if name in selections and not selections[name].keeps_all:
+                raise ValueError(f"history {name!r}: model_correction needs every round (a correction carries the "
+                                 f"rounds before it); it has {selections[name]}")
         like = jax.tree.map(lambda p: jnp.zeros((k, *jnp.shape(p)), jnp.result_type(p)), params0)
         self.compressors, self.seed = compressors, cfg.seed
         self.states = {name: comp.init(like) for name, comp in compressors.items()}
@@ -80,7 +89,8 @@ class Recorder:
             for name, comp in compressors.items()}
         for name, sel in selections.items():
             self.histories[name].selection = sel
-        self.log = {"loss": [], "rejected": [], "overload": {n: [] for n in compressors}, "rel_error": {n: [] for n in compressors}}
+        self.log = {"loss": [], "rejected": [], "overload": {n: [] for n in compressors}, "rel_error": {n: [] for n in compressors},
+                    "model_gap": {n: [] for n in compressors if compressors[n].correction is not None}}
         self.partial = [n for n, h in self.histories.items() if not h.selection.keeps_all]
         self.scanned = tuple(n for n in compressors if n not in self.partial)
         self.per_round = bool(self.partial)  # a host-side choice after every round
@@ -115,6 +125,8 @@ class Recorder:
                                                      keep=name not in offloaded)
                 self.log["overload"][name].append(int(host.overload[j][i]))
                 self.log["rel_error"][name].append(float(host.rel_error[j][i]))
+                if name in self.log["model_gap"]:
+                    self.log["model_gap"][name].append(float(host.model_gap[j][i]))
                 yield name, t0 + i, record
 
     def continue_from(self, result, cfg):

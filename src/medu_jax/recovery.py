@@ -112,6 +112,21 @@ def _decode(compressor: Compressor, message, state, key):
     return _flat_users(decoded), valid, state
 
 
+@functools.partial(jax.jit, static_argnames=("compressor",))
+def _correction(compressor: Compressor, rows, key, like_state):
+    """A round's decoded model correction, flat (see ``Compressor.correct``)."""
+    return _flat(compressor.decode_correction(rows, key, like_state["like"].value))
+
+
+@jax.jit
+def _share(weights, valid, kept):
+    """W / W_keep: the weight of the users a round's rows replay over that of the ones kept (0 if none kept).
+    The model correction c^ ~ (lr / W) sum_i w_i (h_i - d_i) holds every user's coding error; scaled by W / W_keep
+    it is the kept users' share of it, exactly up to the removed users' own coding error."""
+    w, wk = jnp.sum(weights * valid), jnp.sum(weights * kept)
+    return jnp.where(wk > 0, w / jnp.where(wk > 0, wk, 1.0), 0.0)
+
+
 @jax.jit
 def _estimate(w_u, w_o, stored, valid, keep, S, Y, count, tau):
     """FedRecover's estimate of every client's update at w_u: stored - B_i (w_u - w), and which remaining
@@ -244,9 +259,11 @@ class _Schedule:
 
 
 def _recover(history: History, remove, apply_fn, tx, data: ClientData, cfg: FedConfig, schedule: _Schedule,
-             memory: int, alpha: float, method: str, run_pairs: bool = False) -> Recovery:
+             memory: int, alpha: float, method: str, run_pairs: bool = False, remaining_corrections: bool = False
+             ) -> Recovery:
     """The FedRecover loop over the history's rounds (see ``fedrecover``); ``run_pairs``: one pair per run of
-    consecutive exact rounds (see ``adaptive_recovery``)."""
+    consecutive exact rounds, ``remaining_corrections``: estimated rounds take the model corrections (see
+    ``adaptive_recovery``)."""
     _full(history, method)
     remove, excl, ones = _check(history, remove, data, cfg, method)
     if int(memory) < 1:
@@ -265,6 +282,8 @@ def _recover(history: History, remove, apply_fn, tx, data: ClientData, cfg: FedC
     for i, t, msg in _messages(history):
         stored, valid, state = _decode(history.compressor, msg, state, compressor_key(history.seed, t))
         stored_valid, flat_u = valid, _flat(w_u)
+        corr = None if msg.correction is None else \
+            _correction(history.compressor, msg.correction, compressor_key(history.seed, t), state)
         v = flat_u - w_o
         exact = i in schedule.fixed
         # local steps the fixed exact rounds still to come will take: the budget keeps room for them
@@ -298,8 +317,13 @@ def _recover(history: History, remove, apply_fn, tx, data: ClientData, cfg: FedC
                 n = int(jnp.sum(active))
                 steps, fixed = steps + n * cfg.local_steps, fixed + n
                 valid = valid & ~(abnormal & ~active)
-            w_u = _unflat(srv_u.step(flat_u, est, valid & keep, weights), w_u)
+            flat_new = srv_u.step(flat_u, est, valid & keep, weights)
+            if remaining_corrections and corr is not None:
+                flat_new = flat_new + _share(weights, stored_valid, valid & keep) * corr
+            w_u = _unflat(flat_new, w_u)
         w_o = srv_o.step(w_o, stored, stored_valid, weights)  # the original trajectory
+        if corr is not None:  # ... put back on the trained one by the round's model correction
+            w_o = w_o + corr
     return _recovery(w_u, steps, data, cfg, remove, exact_rounds, fixed, dropped, start=history.params0,
                      model_state=srv_u.model_state)
 
@@ -327,7 +351,7 @@ def fedrecover(history: History, remove: Iterable[int], apply_fn, tx, data: Clie
 
 def adaptive_recovery(history: History, remove: Iterable[int], apply_fn, tx, data: ClientData, cfg: FedConfig,
                       warmup: int = 5, tune: int = 5, drift: float = 0.5, budget: float = 0.3, memory: int = 2,
-                      alpha: float = 1e-4) -> Recovery:
+                      alpha: float = 1e-4, remaining_corrections: bool = False) -> Recovery:
     """The project's adaptive variant of FedRecover (the default of ``unlearn``): exact rounds where the
     recovered trajectory drifts, within a client budget.
 
@@ -347,13 +371,20 @@ def adaptive_recovery(history: History, remove: Iterable[int], apply_fn, tx, dat
     row's coding noise is larger than the curvature signal stored - exact (measured 3-4x with the default MEDU
     history, 11-23x with error feedback): over a run the signal adds up, while independent coding errors grow
     only with the run's square root and error feedback's (rows h_t + e_{t-1} - e_t) telescope to one carry.
+
+    A history with model corrections (``compressors.model_correction``) gives the original trajectory as
+    trained (FedRecover's stored global models); with ``remaining_corrections`` an estimated round also adds
+    the correction scaled by W / W_keep (``_share``): the correction is the sum of every user's coding error
+    (and of the staleness of the rows sparsification left out), so this removes the kept users' share of it
+    from their aggregate, leaving only the removed users' coding error in it.
     """
     if not drift > 0:
         raise ValueError(f"adaptive_recovery: drift must be > 0, got {drift!r}")
     t = history.num_rounds
     fixed = frozenset(i for i in range(t) if i < warmup or i >= t - tune)
     return _recover(history, remove, apply_fn, tx, data, cfg, _Schedule(fixed, float(drift), float(budget)),
-                    memory, alpha, "adaptive_recovery", run_pairs=True)
+                    memory, alpha, "adaptive_recovery", run_pairs=True,
+                    remaining_corrections=bool(remaining_corrections))
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "tx", "cal_cfg"))

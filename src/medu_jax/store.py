@@ -469,7 +469,8 @@ class HistoryWriter:
         slot = []
         if params is not None:  # the state slot: raw bytes, leaf after leaf
             at = 0
-            for sub, tree in (("params", params), ("compressor", compressor_state["filters"])):
+            for sub, tree in (("params", params), ("compressor", compressor_state["filters"]),
+                              ("correction", compressor_state.get("correction"))):
                 for i, leaf in enumerate(jax.tree.leaves(tree)):
                     a = np.ascontiguousarray(np.asarray(leaf))
                     name = f"state/{t % 2}/{sub}/{i}"
@@ -883,7 +884,9 @@ def load_state(path: str, history: History, t: int) -> tuple[PyTree, dict]:
 
     params = read("params", history.params0)
     state = history.compressor.init(history.like.zeros())
-    state = {"like": state["like"], "filters": read("compressor", state["filters"])}
+    state = {**state, "filters": read("compressor", state["filters"])}
+    if "correction" in state:  # the model correction's carry (trained minus replayed model)
+        state["correction"] = read("correction", state["correction"])
     return params, state
 
 

@@ -64,7 +64,7 @@ class SuiteConfig:
     attack_scale: float = 5.0  # the scaled attack's factor
     sign_flip_scale: float = 1.0  # the sign flip sends -sign_flip_scale x its update (1: the plain sign flip)
     medu: tuple = (0.5, 0.3, "A2", 3)  # user fraction, tau, lattice, bits
-    medu_options: tuple = (("entropy", "ans"),)  # further compressors.medu keywords as (name, value) pairs
+    medu_options: tuple = (("correction", True), ("entropy", "ans"))  # further compressors.medu keywords (sorted)
     min_ratio: float = BAR["ratio"]  # the bar's least history bytes ratio (float32 / MEDU)
     methods: tuple = METHODS
     finetune_costs: tuple = (0.1, 0.3)  # extra fine-tuning budgets for the plot (besides equal cost)

@@ -62,8 +62,9 @@ def _flat_users(tree: PyTree) -> jax.Array:
     return jnp.concatenate([x.reshape(k, -1).astype(jnp.float32) for x in leaves], axis=1)
 
 
-def _step_corrected(carry, decoded, valid, keep, weights, lr, hyper):
-    """FedRecover-style step: the remaining users' mean update, corrected by an L-BFGS Jacobian estimate."""
+def _step_corrected(carry, decoded, valid, keep, weights, lr, hyper, correction):
+    """FedRecover-style step: the remaining users' mean update, corrected by an L-BFGS Jacobian estimate. The
+    original trajectory takes the round's model correction too, when the history codes them."""
     w_u, (w_o, S, Y, count, prev_w, prev_g, t) = carry
     flat_u, unravel = ravel_pytree(w_u)
     flat = _flat_users(decoded)
@@ -79,7 +80,10 @@ def _step_corrected(carry, decoded, valid, keep, weights, lr, hyper):
     g_hat = g_rem - lbfgs_hvp(S, Y, count, flat_u - w_o, hyper)
     g_hat = jnp.where(jnp.sum(w * keep) > 0, g_hat, 0.0)
     new_u = unravel(flat_u + lr * g_hat)
-    return (new_u, (w_o + lr * g_all, S, Y, count, w_o, g_rem, t + 1))
+    w_next = w_o + lr * g_all
+    if correction is not None:
+        w_next = w_next + ravel_pytree(correction)[0]
+    return (new_u, (w_next, S, Y, count, w_o, g_rem, t + 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +93,7 @@ class _ServerStep:
 
     server_tx: Any
 
-    def __call__(self, carry, decoded, valid, keep, weights, lr, hyper):
+    def __call__(self, carry, decoded, valid, keep, weights, lr, hyper, correction):
         w_u, opt = carry
         mean = weighted_mean(decoded, valid & keep, weights)
         return server_update(self.server_tx, w_u, opt, mean, lr)
@@ -102,8 +106,10 @@ def _replay_chunk(compressor: Compressor, step, carry, state, messages: Message,
     def body(c, xs):
         inner, st = c
         msg, t = xs
-        decoded, valid, st = compressor.decode(msg, st, compressor_key(seed, t))
-        return (step(inner, decoded, valid, keep, weights, lr, hyper), st), None
+        key = compressor_key(seed, t)
+        decoded, valid, st = compressor.decode(msg, st, key)
+        corr = None if msg.correction is None else compressor.decode_correction(msg.correction, key, st["like"].value)
+        return (step(inner, decoded, valid, keep, weights, lr, hyper, corr), st), None
 
     # unrolling 4 rounds per loop iteration measured ~20% faster on CPU (fewer loop-carried copies)
     (carry, state), _ = jax.lax.scan(body, (carry, state), (messages, rounds), unroll=min(4, rounds.shape[0]))
@@ -220,12 +226,24 @@ def _accumulate(compressor: Compressor, like, acc: list, rows, present, coef, ro
     return acc
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _add_corrections(compressor: Compressor, like, acc: list, rows, use, rounds, seed) -> list:
+    """acc (flat float32 leaves) + the decoded model corrections of the rounds with ``use``, in round order."""
+
+    def body(a, xs):
+        r, u, t = xs
+        c = compressor.decode_correction(r, compressor_key(seed, t), like)
+        return [x + jnp.where(u, y.ravel(), 0.0) for x, y in zip(a, jax.tree.leaves(c))], None
+
+    return jax.lax.scan(body, acc, (rows, use, rounds))[0]
+
+
 @jax.jit
-def _finish(params0: PyTree, acc: list, lr) -> PyTree:
-    """w^0 + lr * acc, leaf by leaf, in each leaf's dtype."""
+def _finish(params0: PyTree, acc: list, lr, corr: list) -> PyTree:
+    """w^0 + lr * acc + corr, leaf by leaf, in each leaf's dtype."""
     leaves, treedef = jax.tree_util.tree_flatten(params0)
-    return treedef.unflatten([(x.astype(jnp.float32) + lr * a.reshape(x.shape)).astype(x.dtype)
-                              for x, a in zip(leaves, acc)])
+    return treedef.unflatten([(x.astype(jnp.float32) + lr * a.reshape(x.shape) + c.reshape(x.shape)).astype(x.dtype)
+                              for x, a, c in zip(leaves, acc, corr)])
 
 
 def _zeros(like) -> list:
@@ -233,24 +251,42 @@ def _zeros(like) -> list:
     return [jnp.zeros((int(np.prod(s[1:], dtype=np.int64)),), jnp.float32) for s, _ in like.leaves]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 10))
-def _replay_whole(compressor: Compressor, like, masks, keep, weights, rows, rounds, seed, params0, lr,
+@functools.partial(jax.jit, static_argnums=(0, 1, 11))
+def _replay_whole(compressor: Compressor, like, masks, keep, weights, rows, rounds, seed, params0, lr, corrections,
                   group: int) -> PyTree:
-    """Naive replay of a whole history in one compiled call (no chunking)."""
+    """Naive replay of a whole history in one compiled call (no chunking); ``corrections``: the model correction
+    rows to add (None: none)."""
     coef = row_weights(compressor, masks, keep, weights)
     acc = _accumulate(compressor, like, _zeros(like), rows, masks.present, coef, rounds, seed, group)
-    return _finish(params0, acc, lr)
+    corr = _zeros(like)
+    if corrections is not None:
+        corr = _add_corrections(compressor, like, corr, corrections, jnp.ones(rounds.shape, bool), rounds, seed)
+    return _finish(params0, acc, lr, corr)
 
 
-def replay(history: History, remove: Iterable[int] = (), chunk: int | None = None) -> PyTree:
+def _use_corrections(history: History, remove: list, corrections: bool | None) -> bool:
+    if corrections is None:
+        return history.has_corrections and not remove
+    if corrections and not history.has_corrections:
+        raise ValueError("corrections=True: this history codes no model corrections (model_correction())")
+    return bool(corrections)
+
+
+def replay(history: History, remove: Iterable[int] = (), chunk: int | None = None,
+           corrections: bool | None = None) -> PyTree:
     """Naive replay: the model from ``history``'s stored updates without the users in ``remove``.
 
     With ``remove`` empty this reconstructs the trained model from the history (up to compression error).
     Computed as w^0 + lr * (weighted sum of the stored rows), weights from ``row_weights``: each stored row is
-    decoded once, and no per-user closed-loop state is carried over the rounds. A history recorded with a
-    server optimizer (``History.server_tx``) is replayed round by round through it instead. ``chunk`` bounds how many
-    rounds are decoded on the device at once (default: about 256 MB of decoded rows); it does not change the bits.
+    decoded once, and no per-user closed-loop state is carried over the rounds. ``corrections``: add the
+    history's model corrections (``compressors.model_correction``), which make the replay follow the trained
+    trajectory; by default only when nobody is removed (they correct towards the trajectory with every user in
+    it). A history recorded with a server optimizer (``History.server_tx``) is replayed round by round through
+    it instead. ``chunk`` bounds how many rounds are decoded on the device at once (default: about 256 MB of
+    decoded rows); it does not change the bits.
     """
+    remove = list(remove)
+    use = _use_corrections(history, remove, corrections)
     if history.server_tx is not None:  # a server optimizer is not linear in the rows: round by round
         opt = history.server_tx.init(jax.tree.map(jnp.asarray, history.params0))
         # no padding rounds: an optimizer with momentum would still move on an empty round
@@ -260,24 +296,30 @@ def replay(history: History, remove: Iterable[int] = (), chunk: int | None = Non
     ids, masks = np.asarray(history.round_ids, np.int32), history.masks()
     if chunk == t_total:  # one compiled call, host arrays moved in with its arguments
         return _replay_whole(comp, history.like, masks, keep, weights, history.payload(), ids, history.seed,
-                             history.params0, history.server_lr, group)
+                             history.params0, history.server_lr, history.corrections() if use else None, group)
     pad = -t_total % chunk  # zero-weight rounds pad the last chunk, so one compiled program serves all chunks
     ids = np.concatenate([ids, np.full(pad, ids.max() + 1, np.int32)])
     present = np.pad(masks.present, ((0, pad), (0, 0)))
     coef = np.pad(np.asarray(row_weights(comp, masks, keep, weights)), ((0, pad), (0, 0)))
-    acc = _zeros(history.like)
+    real = np.arange(t_total + pad) < t_total
+    acc, corr = _zeros(history.like), _zeros(history.like)
     for start in range(0, t_total, chunk):
         stop = start + chunk
-        rows = history.payload(range(start, min(stop, t_total)), length=chunk)
+        part = range(start, min(stop, t_total))
+        rows = history.payload(part, length=chunk)
         acc = _accumulate(comp, history.like, acc, rows, present[start:stop], coef[start:stop], ids[start:stop],
                           history.seed, group)
-    return _finish(history.params0, acc, history.server_lr)
+        if use:
+            corr = _add_corrections(comp, history.like, corr, history.corrections(part, length=chunk),
+                                    real[start:stop], ids[start:stop], history.seed)
+    return _finish(history.params0, acc, history.server_lr, corr)
 
 
-def rebuild_error(history: History, trained_params: PyTree) -> float:
+def rebuild_error(history: History, trained_params: PyTree, corrections: bool | None = None) -> float:
     """The history's own error: ||replay(history) - trained|| / ||trained||, replay with nobody removed
-    (what compression alone costs; float32 histories give ~1e-7)."""
-    rebuilt = replay(history)
+    (what compression alone costs; float32 histories give ~1e-7). A history with model corrections replays
+    with them unless ``corrections=False`` (the stored rows' own error)."""
+    rebuilt = replay(history, corrections=corrections)
     a, b = (sum(int(np.size(x)) for x in jax.tree.leaves(t)) for t in (rebuilt, trained_params))
     if a != b:
         raise ValueError(f"trained_params has {b} parameters, the history's model {a}")
