@@ -9,8 +9,8 @@ retraining, distance to retraining (the attacked model's next to it) and client 
     python benchmarks/pareto.py --out runs/pareto     # the table and plot in docs/codec.md (~15 min on 2 cores)
     python benchmarks/pareto.py --quick               # a minute: one digits cell, 20 users, 30 rounds, 3 settings
 
-A setting is medu() keywords over its defaults (keep 0.5, tau 0.3, A2 3-bit codes ANS coded); ``--settings``
-picks some by name.
+A setting is medu() keywords over its defaults (keep 0.5, tau 0.3, A2 3-bit codes ANS coded, the model
+correction); ``--settings`` picks some by name.
 """
 
 from __future__ import annotations
@@ -30,14 +30,16 @@ from medu_jax.fedavg import train
 from medu_jax.unlearn import rebuild_error
 
 SETTINGS = {
-    "default": {},  # A2 3-bit codes, ANS coded
-    "A2 2 packed (old default)": dict(bits=2, entropy=None),
+    "default": {},  # A2 3-bit codes, ANS coded, with the model correction
+    "no correction": dict(correction=False),  # the default before the model correction
+    "A2 2 packed (old default)": dict(bits=2, entropy=None, correction=False),
     "A2 2 ANS": dict(bits=2),
     "Z8 r2": dict(lattice="Z", bits=8, scale="rms", clip=entropy_clip(2.0, 8)),
     "Z8 r1 wiener": dict(lattice="Z", bits=8, scale="rms", clip=entropy_clip(1.0, 8), gain="wiener"),
     "EF": dict(error_feedback=True),
     "keep 0.25 A2 2 ANS": dict(fraction=0.25, bits=2),
     "keep 0.2": dict(fraction=0.2),
+    "keep 0.2 A2 2 ANS": dict(fraction=0.2, bits=2),
     "keep 0.25 Z8 r1.2": dict(fraction=0.25, lattice="Z", bits=8, scale="rms", clip=entropy_clip(1.2, 8)),
     "keep 0.25 EF": dict(fraction=0.25, error_feedback=True),
 }

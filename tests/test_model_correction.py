@@ -126,6 +126,14 @@ def test_a_corrected_history_replays_the_trained_model(run):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="codes no model corrections"):
         mj.replay(rows, corrections=True)
+    # a round appended from encode alone (no correction) makes the trajectory unknown: refused, not dropped
+    import dataclasses
+    mixed = dataclasses.replace(corr, records=list(corr.records))
+    state = corr.compressor.init(jax.tree.map(lambda p: jnp.zeros((6, *p.shape)), params0))
+    ups = jax.tree.map(lambda p: jnp.ones((6, *p.shape)), params0)
+    mixed.append(corr.compressor.encode(ups, state, mj.compressor_key(cfg.seed, 25))[0], 25)
+    with pytest.raises(ValueError, match="some rounds only"):
+        mj.replay(mixed)
 
 
 def test_corrections_need_fedavgs_step_and_every_round(run):

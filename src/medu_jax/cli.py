@@ -155,6 +155,8 @@ def _main(argv: list[str] | None) -> int:
     su.add_argument("--sign-flip-scale", type=float, help="the sign flip sends -scale x its update (default 1)")
     su.add_argument("--min-ratio", type=float, help="the bar's least history bytes ratio (default 30)")
     su.add_argument("--methods", help="unlearning methods to run (comma-separated; adaptive, the default, is kept)")
+    su.add_argument("--adaptive", help="adaptive_recovery options as name=value pairs, e.g. "
+                                       "'remaining_corrections=true' (use its own --out folder)")
     args = parser.parse_args(argv)
     if args.command == "suite":
         return _suite(args)
@@ -224,7 +226,7 @@ def _suite(args) -> int:
             cfg = suite.cnn_config(quick=args.quick)
         else:
             cfg = suite.quick_config() if args.quick else suite.SuiteConfig()
-        cfg = suite.with_options(cfg, args.medu, args.sign_flip_scale, args.min_ratio, args.methods)
+        cfg = suite.with_options(cfg, args.medu, args.sign_flip_scale, args.min_ratio, args.methods, args.adaptive)
         if args.dataset and args.dataset not in cfg.datasets:
             raise ValueError(f"--dataset {args.dataset!r} is not in this suite's data sets {cfg.datasets}")
         wanted = {"dataset": [args.dataset] if args.dataset else None}

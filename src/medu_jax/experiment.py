@@ -124,10 +124,11 @@ class ExperimentConfig:
         return cls(**d)
 
     def compressors(self) -> dict[str, C.Compressor]:
-        """Every history the run keeps: the full ones, plus FedEraser's (every N) and Crab's selective ones."""
+        """Every history the run keeps: the full ones, plus FedEraser's (every N) and Crab's selective ones (without
+        the model correction, which needs every round)."""
         out = {m: METHODS[m](self) for m in self.methods}
         for sel_name in self.selections():
-            out[sel_name] = METHODS[sel_name.split("@")[0]](self)
+            out[sel_name] = dataclasses.replace(METHODS[sel_name.split("@")[0]](self), correction=None)
         return out
 
     def selections(self) -> dict[str, Selection]:

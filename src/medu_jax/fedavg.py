@@ -473,6 +473,9 @@ def fed_rounds(model, tx, cfg: FedConfig, server: ServerState, data: ClientData,
         server, _, out = mj.fed_rounds(model, tx, cfg, server, data, length=9)  # nine more
     """
     k = data.num_clients
+    if server_tx is not None and any(c.correction is not None for c in compressors):
+        raise ValueError("model_correction codes FedAvg's step (server_lr x mean); with a server optimizer use a "
+                         "compressor without it (e.g. medu(correction=False))")
     exclude = jnp.zeros((k,), bool) if exclude is None else jnp.asarray(exclude, bool)
     update_scale = jnp.ones((k,), jnp.float32) if update_scale is None else jnp.asarray(update_scale, jnp.float32)
     return _fed_rounds(as_objective(model), tx, _static(cfg), server, data, exclude, update_scale, tuple(states),
@@ -494,9 +497,11 @@ def _fed_rounds(model, tx, cfg: FedConfig, server: ServerState, data: ClientData
             key = compressor_key(srv.seed, srv.round)
             msg, st, decoded, valid, stats = comp.encode(r.updates, st, key, r.active)
             g = jnp.float32(jnp.nan)
-            if comp.correction is not None:  # what replay does with the decoded rows vs the trained step
-                replayed = jax.tree.map(lambda m: srv.server_lr * m.astype(jnp.float32),
-                                        weighted_mean(decoded, valid, data.n.astype(jnp.float32)))
+            if comp.correction is not None:  # what replay does with the decoded rows vs the trained step: the mean
+                # in float32 (bf16 rows too, as replay sums them), summed like the aggregate (the same bits on a mesh)
+                dec32 = jax.tree.map(lambda x: x.astype(jnp.float32), decoded)
+                mean = _mean_from_sum(pairwise_sum(_flat_weighted(data.n.astype(jnp.float32) * valid, dec32)), dec32)
+                replayed = jax.tree.map(lambda m: srv.server_lr * m, mean)
                 step = jax.tree.map(lambda a, b: a.astype(jnp.float32) - b.astype(jnp.float32), params, srv.params)
                 msg, st, (g, _) = comp.correct(msg, st, step, replayed, key)
             msgs.append(msg), new.append(st), over.append(stats.overload)

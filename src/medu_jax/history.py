@@ -87,6 +87,10 @@ def compact(message: Message, compressor: Compressor | None = None) -> dict[str,
     return record
 
 
+def _has_correction(record) -> bool:
+    return any(k.startswith(("corr:", "cans:")) for k in record)
+
+
 def record_nbytes(record: dict[str, np.ndarray]) -> int:
     """Bytes of one compact record: the sum of its arrays' nbytes."""
     return int(sum(a.nbytes for a in record.values()))
@@ -258,11 +262,10 @@ class History:
 
     @property
     def has_corrections(self) -> bool:
-        """True when every record holds a model correction row: the compressor codes them
+        """True when the records hold model correction rows: the compressor codes them
         (``compressors.model_correction``) and ``train`` recorded the rounds (a message from ``encode`` alone
-        has none)."""
-        return (self.compressor.correction is not None and bool(self.records)
-                and all(any(k.startswith(("corr:", "cans:")) for k in r) for r in self.records))
+        has none). A history with them in some rounds only is refused where they are read."""
+        return self.compressor.correction is not None and bool(self.records) and _has_correction(self.records[0])
 
     def corrections(self, rounds: range | list[int] | None = None, length: int | None = None) -> PyTree:
         """The model correction rows of ``rounds`` (default all; None without corrections), stacked on a leading
@@ -272,6 +275,9 @@ class History:
     def _corrections(self, recs: list, length: int | None = None) -> PyTree:
         if not self.has_corrections:
             return None
+        if not all(_has_correction(r) for r in recs):
+            raise ValueError("the history holds model corrections in some rounds only (rounds appended from encode "
+                             "alone, or from another run?): replay cannot follow its trajectory")
         length = len(recs) if length is None else int(length)
         like = _correction_like(self.compressor, self.like)
         leaves, treedef = jax.tree_util.tree_flatten(like)

@@ -120,11 +120,10 @@ def _correction(compressor: Compressor, rows, key, like_state):
 
 @jax.jit
 def _share(weights, valid, kept):
-    """W / W_keep: the weight of the users a round's rows replay over that of the ones kept (0 if none kept).
-    The model correction c^ ~ (lr / W) sum_i w_i (h_i - d_i) holds every user's coding error; scaled by W / W_keep
-    it is the kept users' share of it, exactly up to the removed users' own coding error."""
-    w, wk = jnp.sum(weights * valid), jnp.sum(weights * kept)
-    return jnp.where(wk > 0, w / jnp.where(wk > 0, wk, 1.0), 0.0)
+    """The factor on a round's model correction c^ ~ (lr / W) sum_i w_i (h_i - d_i) (every user's coding error
+    and staleness) in the kept users' mean: 1, the best linear estimate of (lr / W_keep) sum_keep w_i (h_i - d_i)
+    given the total when the users' errors are alike (independent, or with a shared bias); 0 if nobody is kept."""
+    return jnp.where(jnp.sum(weights * kept) > 0, 1.0, 0.0)
 
 
 @jax.jit
@@ -373,10 +372,11 @@ def adaptive_recovery(history: History, remove: Iterable[int], apply_fn, tx, dat
     only with the run's square root and error feedback's (rows h_t + e_{t-1} - e_t) telescope to one carry.
 
     A history with model corrections (``compressors.model_correction``) gives the original trajectory as
-    trained (FedRecover's stored global models); with ``remaining_corrections`` an estimated round also adds
-    the correction scaled by W / W_keep (``_share``): the correction is the sum of every user's coding error
-    (and of the staleness of the rows sparsification left out), so this removes the kept users' share of it
-    from their aggregate, leaving only the removed users' coding error in it.
+    trained (FedRecover's stored global models); with ``remaining_corrections`` (opt-in, the project's own) an
+    estimated round also adds the round's correction (``_share``): the correction holds every user's coding
+    error and the staleness of the rows sparsification left out, and the kept users' share of it is its best
+    linear estimate for their aggregate. Measured on four MNIST-1D cells it was not a consistent gain
+    (docs/recovery.md).
     """
     if not drift > 0:
         raise ValueError(f"adaptive_recovery: drift must be > 0, got {drift!r}")

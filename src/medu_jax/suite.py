@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import itertools
 import json
 import math
@@ -66,6 +67,7 @@ class SuiteConfig:
     medu: tuple = (0.5, 0.3, "A2", 3)  # user fraction, tau, lattice, bits
     medu_options: tuple = (("correction", True), ("entropy", "ans"))  # further compressors.medu keywords (sorted)
     min_ratio: float = BAR["ratio"]  # the bar's least history bytes ratio (float32 / MEDU)
+    adaptive_options: tuple = ()  # recovery.adaptive_recovery keywords as sorted (name, value) pairs
     methods: tuple = METHODS
     finetune_costs: tuple = (0.1, 0.3)  # extra fine-tuning budgets for the plot (besides equal cost)
 
@@ -135,8 +137,20 @@ def _value(text: str):
     return text.strip()
 
 
+def _pairs(text: str, flag: str) -> dict[str, Any]:
+    """'name=value,...' as a dict of ``_value``s."""
+    out = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"{flag}: expected name=value pairs separated by commas, got {item!r}")
+        out[name.strip()] = _value(value)
+    return out
+
+
 def with_options(cfg: SuiteConfig, medu: str | None = None, sign_flip_scale: float | None = None,
-                 min_ratio: float | None = None, methods: str | None = None) -> SuiteConfig:
+                 min_ratio: float | None = None, methods: str | None = None, adaptive: str | None = None
+                 ) -> SuiteConfig:
     """``cfg`` with the command line's MEDU setting ('name=value,...' of ``compressors.medu``; fraction, tau,
     lattice and bits go to ``medu``, the rest to ``medu_options``), sign-flip scale, bytes-ratio bar and
     unlearning methods (comma-separated)."""
@@ -144,12 +158,17 @@ def with_options(cfg: SuiteConfig, medu: str | None = None, sign_flip_scale: flo
     if medu:
         main = dict(zip(("fraction", "tau", "lattice", "bits"), cfg.medu))
         extra = dict(cfg.medu_options)
-        for item in medu.split(","):
-            name, sep, text = item.partition("=")
-            if not sep or not name.strip():
-                raise ValueError(f"--medu: expected name=value pairs separated by commas, got {item!r}")
-            (main if name.strip() in main else extra)[name.strip()] = _value(text)
+        for name, value in _pairs(medu, "--medu").items():
+            (main if name in main else extra)[name] = value
         changes.update(medu=tuple(main.values()), medu_options=tuple(sorted(extra.items())))
+    if adaptive:
+        opts = {**dict(cfg.adaptive_options), **_pairs(adaptive, "--adaptive")}
+        known = set(inspect.signature(R.adaptive_recovery).parameters) - {"history", "remove", "apply_fn", "tx",
+                                                                          "data", "cfg"}
+        if set(opts) - known:
+            raise ValueError(f"--adaptive: unknown adaptive_recovery options {sorted(set(opts) - known)}; "
+                             f"choose from {sorted(known)}")
+        changes["adaptive_options"] = tuple(sorted(opts.items()))
     if sign_flip_scale is not None:
         changes["sign_flip_scale"] = float(sign_flip_scale)
     if min_ratio is not None:
@@ -278,7 +297,7 @@ def run_cell(cell: dict, cfg: SuiteConfig) -> dict[str, Any]:
     ]
     runners: dict[str, Callable] = {
         "fedrecover": lambda h: R.fedrecover(h, bad, apply_fn, tx, clients, fed),
-        "adaptive": lambda h: R.adaptive_recovery(h, bad, apply_fn, tx, clients, fed),
+        "adaptive": lambda h: R.adaptive_recovery(h, bad, apply_fn, tx, clients, fed, **dict(cfg.adaptive_options)),
         "federaser": lambda h: R.federaser(h, bad, apply_fn, tx, clients, fed),
         "naive": lambda h: R.Recovery(replay(h, bad), 0, 0.0, 0, 0),
     }
@@ -320,6 +339,8 @@ def _config_json(cfg: SuiteConfig) -> dict:
     """The config as JSON would give it back (tuples as lists), to compare with a stored cell's (the model fields
     only when they differ from the MLP suite's)."""
     d = dataclasses.asdict(cfg)
+    if not d["adaptive_options"]:  # configs without them are what they were before the field existed
+        del d["adaptive_options"]
     if cfg.model == "mlp":
         for k, v in _MODEL_DEFAULTS.items():
             if d[k] == v:

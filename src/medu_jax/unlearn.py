@@ -269,6 +269,9 @@ def _use_corrections(history: History, remove: list, corrections: bool | None) -
         return history.has_corrections and not remove
     if corrections and not history.has_corrections:
         raise ValueError("corrections=True: this history codes no model corrections (model_correction())")
+    if corrections and history.server_tx is not None:
+        raise ValueError("corrections=True: this history was recorded with a server optimizer, which model "
+                         "corrections do not model")
     return bool(corrections)
 
 
