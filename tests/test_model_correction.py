@@ -85,6 +85,16 @@ def test_refusals():
         mj.Compressor((Identity(),), LatticeCoding("A2", 1))
     with pytest.raises(ValueError, match="at most one model_correction"):
         mj.chain(mj.model_correction(), mj.lattice_coding(), mj.model_correction())
+    from medu_jax.recording import Recorder
+    rec = object.__new__(Recorder)  # train's end-of-run check, on a log whose replay ended 50% off
+    rec.log = {"model_gap": {"m": [0.1, 1.0]}}
+    with pytest.warns(RuntimeWarning, match="history 'm': its replay ends 0.5"):
+        rec.warn_if_model_gap({"w": jnp.full((4,), 1.0)})
+    rec.log = {"model_gap": {"m": [0.01]}}
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rec.warn_if_model_gap({"w": jnp.full((4,), 1.0)})
     comp = _comp()
     assert mj.Compressor.from_config(comp.config()) == comp
     assert mj.Compressor.from_config(mj.medu().config()) == mj.medu()

@@ -757,10 +757,11 @@ def medu(
     correction: bool = True,
 ) -> Compressor:
     """Full MEDU: user sparsification, differential thresholding and dithered lattice coding. The defaults
-    (keep 0.5 of the users, tau 0.3, A2 3-bit codes stored ANS coded) are the setting the demo and the scenario
-    suite use: the 3-bit codes' entropy (~2.6 bits on MNIST-1D updates) gives 35-37x fewer bytes than float32,
-    and their lower coding error brings the recovered model closer to retraining than A2 at 2 bits packed (the
-    earlier default, 31.8x: ``medu(bits=2, entropy=None)``); see docs/codec.md.
+    (keep 0.5 of the users, tau 0.3, A2 3-bit codes stored ANS coded, the model correction) are the setting the
+    demo and the scenario suite use: the 3-bit codes' entropy (~2.6 bits on MNIST-1D updates) gives 33-37x fewer
+    bytes than float32, and their lower coding error brings the recovered model closer to retraining than A2 at
+    2 bits packed (the earlier default, 31.8x: ``medu(bits=2, entropy=None, correction=False)``); see
+    docs/codec.md.
 
     ``guard=True`` (opt-in) bounds every stored row's decoded error by its update's norm: the threshold codes a
     key frame when its reference is worse than zero, and the coder stores zero for a row it would decode worse

@@ -670,6 +670,7 @@ def train(
         rec.warn_if_idle(data, excl, t0, cfg.rounds)
         rec.warn_if_diverged(params0, server.params)
         rec.warn_if_history_diverged()
+        rec.warn_if_model_gap(server.params)
         storage.finish(rec.histories)
         jax.block_until_ready(server.params)
         return TrainResult(server.params, rec.histories, rec.log, time.perf_counter() - start_time,

@@ -192,6 +192,16 @@ class Recorder:
                               f"(bound {bound:g}); its replay will not rebuild the model: use more bits, "
                               "guard=True or a chain without the closed loop", RuntimeWarning, stacklevel=3)
 
+    def warn_if_model_gap(self, params: PyTree, bound: float = 0.05) -> None:
+        """A model correction whose replayed model ended more than ``bound`` (relative) from the trained one, or
+        non-finite, did not do its job (e.g. a coarse correction coder that kept falling back to zero): say so."""
+        norm = max(tree_norm(params), 1e-30)
+        for name, gaps in self.log["model_gap"].items():
+            if gaps and not gaps[-1] / norm <= bound:
+                warnings.warn(f"train: history {name!r}: its replay ends {gaps[-1] / norm:.3g} (relative) from the "
+                              f"trained model (bound {bound:g}) although it codes a model correction; use more bits "
+                              "for the correction", RuntimeWarning, stacklevel=3)
+
     def warn_if_idle(self, data, excl: np.ndarray, t0: int, rounds: int) -> None:
         """A run in which no update entered the aggregate did not train: say so, and why."""
         if self.entered or rounds <= t0:
