@@ -24,7 +24,7 @@ def setup():
     params0 = model.init(jax.random.key(0), jnp.zeros((1, 64)))
     tx = optax.sgd(0.1)
     cfg = mj.FedConfig(rounds=6, local_steps=3, batch_size=16, participation=0.5, seed=5)
-    comps = {"f32": mj.identity(), "every2": mj.identity(), "crab": mj.medu(0.5, 0.1, "A2", 3)}
+    comps = {"f32": mj.identity(), "every2": mj.identity(), "crab": mj.medu(0.5, 0.1, "A2", 3, correction=False)}
     sels = {"every2": Selection(every=2), "crab": Selection(user_fraction=0.5, checkpoints=True)}
     run = mj.train(model.apply, tx, params0, clients, cfg, comps, selections=sels)
     return ds, clients, model, params0, tx, cfg, run

@@ -776,8 +776,8 @@ def medu(
     ``entropy="ans"`` (the default) stores the lattice code words ANS coded (lossless, host side: same decoded
     bits, fewer bytes; see ``lattice_coding`` and ``medu_jax.entropy``); None stores them bit-packed.
 
-    ``correction=True`` (the default) adds ``model_correction`` with the chain's lattice, bits, scale and entropy
-    coding: one more row per round (4% of the default history's bytes), and replay with nobody removed, and
+    ``correction=True`` (the default) adds ``model_correction`` with the chain's lattice, bits (at least 2: one
+    row per round, and a 1-bit correction is mostly stored as zero), scale and entropy coding: one more row per round (4% of the default history's bytes), and replay with nobody removed, and
     recovery's original trajectory, follow the trained model (rebuild error 0.1-0.6% instead of 3-12%).
     """
     if missing is None:
@@ -787,7 +787,7 @@ def medu(
         user_sparsification(fraction, mode=mode, missing=missing),
         differential_threshold(tau, reset=bool(guard) or bool(error_feedback)),
         lattice_coding(lattice, bits, scale, clip, gain=gain, guard=True if guard else None, entropy=entropy),
-        *((model_correction(lattice, bits, scale, entropy),) if correction else ()),
+        *((model_correction(lattice, max(bits, 2), scale, entropy),) if correction else ()),
     )
 
 
