@@ -85,6 +85,10 @@ class Like(NamedTuple):
     def abstract(self) -> PyTree:
         return self.treedef.unflatten([jax.ShapeDtypeStruct(s, d) for s, d in self.leaves])
 
+    def single(self) -> "Like":
+        """One float32 row of this structure (leaves (1, ...)): what the model correction codes."""
+        return Like(self.treedef, tuple(((1, *s[1:]), "float32") for s, _ in self.leaves))
+
     def zeros(self) -> PyTree:
         return self.treedef.unflatten([jnp.zeros(s, d) for s, d in self.leaves])
 
@@ -600,7 +604,7 @@ class Compressor:
             raise ValueError("this compressor codes no model correction (model_correction())")
         e = state["correction"]
         c = jax.tree.map(lambda a, b, r: a + b.astype(jnp.float32) - r.astype(jnp.float32), e, step, replayed)
-        like = Like.of(jax.tree.map(lambda x: x[None], c))
+        like = state["like"].value.single()
         users = jnp.zeros((1,), jnp.int32)
         ckey = jax.random.fold_in(key, CORRECTION_STREAM)
         x = jax.tree.map(lambda v: v[None], c)
@@ -615,8 +619,8 @@ class Compressor:
     def decode_correction(self, rows: PyTree, key: Array, like: Like) -> PyTree:
         """Round t's decoded model correction c^ (float32, shaped like one user's update) from its stored row;
         ``key`` is the round's compressor key, ``like`` the update structure."""
-        one = Like(like.treedef, tuple(((1, *s[1:]), "float32") for s, _ in like.leaves))
-        dec = self.correction.decode(rows, jax.random.fold_in(key, CORRECTION_STREAM), one, jnp.zeros((1,), jnp.int32))
+        dec = self.correction.decode(rows, jax.random.fold_in(key, CORRECTION_STREAM), like.single(),
+                                     jnp.zeros((1,), jnp.int32))
         return jax.tree.map(lambda x: x[0].astype(jnp.float32), dec)
 
     def decode(self, message: Message, state: dict, key: Array):

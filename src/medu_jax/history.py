@@ -33,7 +33,7 @@ def compressor_key(seed: int, round_index) -> jax.Array:
 
 @functools.lru_cache(maxsize=64)
 def _correction_like(compressor: Compressor, like: Like):
-    one = Like(like.treedef, tuple(((1, *s[1:]), "float32") for s, _ in like.leaves))
+    one = like.single()
     users = jax.ShapeDtypeStruct((1,), jnp.int32)
     return jax.eval_shape(lambda x, u: compressor.correction.encode(x, jax.random.key(0), one, u)[0],
                           one.abstract(), users)

@@ -70,14 +70,8 @@ class Recorder:
         unknown = sorted(set(selections) - set(compressors))
         if unknown:
             raise ValueError(f"selections for unknown histories {unknown}; histories are {sorted(compressors)}")
-        for name, comp in compressors.items():
-            if comp.correction is None:
-                continue
-            if server_tx is not None:
-                raise ValueError(f"history {name!r}: model_correction codes FedAvg's step (server_lr x mean); this "
-                                 "run has a server optimizer, whose replay is not that step: use a compressor without "
-                                 "it (e.g. medu(correction=False))")
-            if name in selections and not selections[name].keeps_all:
+        for name, comp in compressors.items():  # (a server optimizer is refused by fed_rounds)
+            if comp.correction is not None and name in selections and not selections[name].keeps_all:
                 raise ValueError(f"history {name!r}: model_correction needs every round (a correction carries the "
                                  f"rounds before it); it has {selections[name]}: use a compressor without it "
                                  "(e.g. medu(correction=False))")
