@@ -42,13 +42,27 @@ SETTINGS = {
     "keep 0.2 A2 2 ANS": dict(fraction=0.2, bits=2),
     "keep 0.25 Z8 r1.2": dict(fraction=0.25, lattice="Z", bits=8, scale="rms", clip=entropy_clip(1.2, 8)),
     "keep 0.25 EF": dict(fraction=0.25, error_feedback=True),
+    "keep 0.15": dict(fraction=0.15),
+    "keep 0.2 Z8 r1.3": dict(fraction=0.2, lattice="Z", bits=8, scale="rms", clip=entropy_clip(1.3, 8)),
+    # adaptive recovery's options under "recovery" (a setting with the same medu() keywords shares the history)
+    "default stale": dict(recovery=dict(stale_offsets=True)),
+    "keep 0.2 A2 2 ANS rc": dict(fraction=0.2, bits=2, recovery=dict(remaining_corrections=True)),
+    "keep 0.2 A2 2 ANS stale": dict(fraction=0.2, bits=2, recovery=dict(stale_offsets=True)),
+    "keep 0.2 A2 2 ANS rc stale": dict(fraction=0.2, bits=2,
+                                       recovery=dict(remaining_corrections=True, stale_offsets=True)),
+    "keep 0.15 stale": dict(fraction=0.15, recovery=dict(stale_offsets=True)),
 }
 CELLS = (("digits", 0.3, "backdoor", 0.2), ("digits", None, "sign_flip", 0.2),
          ("mnist1d", 0.3, "targeted_flip", 0.1), ("mnist1d", None, "backdoor", 0.1))
 
 
 def compressor(options: dict) -> C.Compressor:
-    return C.medu(**options)
+    return C.medu(**{k: v for k, v in options.items() if k != "recovery"})
+
+
+def history_key(options: dict) -> str:
+    """Settings that differ only in their recovery options share one history."""
+    return json.dumps({k: v for k, v in options.items() if k != "recovery"}, sort_keys=True)
 
 
 def state_nbytes(state) -> int:
@@ -58,7 +72,7 @@ def state_nbytes(state) -> int:
 def run_cell(cell: dict, cfg: suite.SuiteConfig, settings: dict) -> list[dict]:
     setup = suite.setup_cell(cell, cfg)
     ds, clients, bad, scale, _, _, apply_fn, tx, params0, fed = setup
-    comps = {name: compressor(opts) for name, opts in settings.items()}
+    comps = {history_key(opts): compressor(opts) for opts in settings.values()}
     trained = train(apply_fn, tx, params0, clients, fed, comps, update_scale=scale)
     w_retrain = train(apply_fn, tx, params0, clients, fed, exclude=bad, update_scale=scale).params
 
@@ -69,18 +83,20 @@ def run_cell(cell: dict, cfg: suite.SuiteConfig, settings: dict) -> list[dict]:
 
     ref, attacked = evaluate(w_retrain), evaluate(trained.params)
     rows = []
-    for name, h in trained.histories.items():
+    for name, opts in settings.items():
+        key = history_key(opts)
+        h = trained.histories[key]
         t0 = time.perf_counter()
         try:
-            rec = R.adaptive_recovery(h, bad, apply_fn, tx, clients, fed)
+            rec = R.adaptive_recovery(h, bad, apply_fn, tx, clients, fed, **opts.get("recovery", {}))
             got, cost = evaluate(rec.params), rec.client_cost
         except FloatingPointError:
             got, cost = {"accuracy": math.nan, "dist_to_retrain": math.nan}, math.nan
-        peak = h.nbytes + state_nbytes(trained.codec_states[name])
-        rows.append({"scenario": suite._scenario(cell), "setting": name, "options": settings[name],
+        peak = h.nbytes + state_nbytes(trained.codec_states[key])
+        rows.append({"scenario": suite._scenario(cell), "seed": cell["seed"], "setting": name, "options": settings[name],
                      "ratio": h.float32_nbytes / max(h.nbytes, 1), "peak_ratio": h.float32_nbytes / max(peak, 1),
                      "rebuild_error": rebuild_error(h, trained.params), "skips": h.skip_rates(),
-                     "max_rel_error": float(np.max(trained.log["rel_error"][name])),
+                     "max_rel_error": float(np.max(trained.log["rel_error"][key])),
                      "retrain": ref, "attacked": attacked, "unlearned": got, "client_cost": cost,
                      "seconds": time.perf_counter() - t0})
     return rows
@@ -127,6 +143,9 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--settings", help="comma-separated names of SETTINGS")
     p.add_argument("--report-only", action="store_true", help="table and plot from --out/pareto.json, run nothing")
+    p.add_argument("--cells", help="semicolon-separated dataset:alpha:attack:share cells (alpha 'iid' or a float) "
+                                   "in place of the four default ones")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds of every cell")
     args = p.parse_args(argv)
     if args.report_only:
         with open(os.path.join(args.out, "pareto.json")) as f:
@@ -144,15 +163,19 @@ def main(argv=None) -> None:
         cells = [dict(dataset="digits", alpha=0.3, attack="backdoor", share=0.2, seed=0)]
     else:
         cfg = suite.SuiteConfig()
-        cells = [dict(dataset=d, alpha=a, attack=at, share=s, seed=0) for d, a, at, s in CELLS]
+        spec = CELLS if not args.cells else [
+            (d, None if a == "iid" else float(a), at, float(sh)) for d, a, at, sh in
+            (c.split(":") for c in args.cells.split(";"))]
+        cells = [dict(dataset=d, alpha=a, attack=at, share=s, seed=int(sd)) for d, a, at, s in spec
+                 for sd in args.seeds.split(",")]
     os.makedirs(args.out, exist_ok=True)
     rows = []
     for cell in cells:
         t0 = time.perf_counter()
         rows += run_cell(cell, cfg, {n: SETTINGS[n] for n in names})
         print(f"{suite.cell_name(cell)}: {time.perf_counter() - t0:.0f} s", flush=True)
-    with open(os.path.join(args.out, "pareto.json"), "w") as f:
-        f.write(T.to_json(rows, indent=1))
+        with open(os.path.join(args.out, "pareto.json"), "w") as f:  # after every cell: a long run keeps its part
+            f.write(T.to_json(rows, indent=1))
     md = table(rows)
     with open(os.path.join(args.out, "pareto.md"), "w") as f:
         f.write(md + "\n")

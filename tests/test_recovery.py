@@ -318,7 +318,8 @@ def _pairs_reference(rounds, k, m, d):
             if not mask[i]:
                 continue
             ext = run and ended[i]
-            si, yi = (S[i][-1] + s, Y[i][-1] + y[i]) if ext else (s, y[i])
+            s_i = s[i] if s.ndim == 2 else s  # one offset per client (stale offsets) or one for all
+            si, yi = (S[i][-1] + s_i, Y[i][-1] + y[i]) if ext else (s_i, y[i])
             if yi @ si > 1e-12 * np.linalg.norm(si) * np.linalg.norm(yi):
                 if ext:
                     S[i][-1], Y[i][-1] = si, yi
@@ -336,11 +337,13 @@ def _pairs_reference(rounds, k, m, d):
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 5), st.integers(1, 3), st.integers(2, 9), st.integers(1, 8), st.integers(0, 2**31 - 1))
 def test_run_pairs_match_a_numpy_reference(k, m, d, n, seed):
-    """_add_pairs over random rounds (masks, runs of consecutive exact rounds, pairs of both curvature signs):
-    the buffers and counts are the reference's; without runs every pair is appended (FedRecover's)."""
+    """_add_pairs over random rounds (masks, runs of consecutive exact rounds, pairs of both curvature signs, one
+    offset for all clients or one each): the buffers and counts are the reference's; without runs every pair is
+    appended (FedRecover's)."""
     rng = np.random.default_rng(seed)
-    rounds = [(rng.normal(size=d).astype(np.float32), rng.normal(size=(k, d)).astype(np.float32),
-               rng.random(k) < 0.7, bool(t and rng.random() < 0.6)) for t in range(n)]
+    rounds = [(rng.normal(size=d if rng.random() < 0.5 else (k, d)).astype(np.float32),
+               rng.normal(size=(k, d)).astype(np.float32), rng.random(k) < 0.7, bool(t and rng.random() < 0.6))
+              for t in range(n)]
     for use_runs in (True, False):
         S, Y = jnp.zeros((k, m, d)), jnp.zeros((k, m, d))
         count, ended = jnp.zeros((k,), jnp.int32), jnp.zeros((k,), bool)
@@ -351,3 +354,33 @@ def test_run_pairs_match_a_numpy_reference(k, m, d, n, seed):
         np.testing.assert_array_equal(np.asarray(count), ref[2])
         for got, want in zip((S, Y), ref[:2]):
             np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-6, atol=1e-6)
+
+
+def test_stale_offsets_expand_each_row_around_the_model_it_was_computed_at():
+    """adaptive_recovery(stale_offsets=True): a client's row, kept from an earlier round by sparsification or the
+    threshold, is expanded around the original-trajectory model of the round that stored it (NumPy reference of
+    that model per client); with every row fresh (float32) nothing changes, on the sparsified history it does."""
+    ds, clients, model, params0, tx, cfg, run = setup()
+    h = run.histories["medu"]
+    state, w_o = R._init_state(h.compressor, h.like), R._flat(h.params0)
+    rows_at, ref, stale = jnp.broadcast_to(w_o, (K, w_o.shape[0])), np.tile(np.asarray(w_o), (K, 1)), 0
+    srv = R._Server(h, h.params0)
+    for i, t, msg in R._messages(h):
+        key = mj.compressor_key(h.seed, t)
+        stored, valid, state = R._decode(h.compressor, msg, state, key)
+        present = np.asarray(msg.present)
+        rows_at, ref[present] = R._rows_at(rows_at, w_o, jnp.asarray(present)), np.asarray(w_o)
+        np.testing.assert_array_equal(np.asarray(rows_at), ref)
+        stale += int(np.sum(np.asarray(valid) & ~present))
+        w_o = srv.step(w_o, stored, valid, jnp.asarray(h.weights)) + \
+            R._correction(h.compressor, msg.correction, key, state)
+    assert stale > 0  # the history does hold rows older than their round
+    kw = dict(warmup=2, tune=2, drift=0.2, budget=0.6)
+    for name in ("f32", "medu"):
+        a, b = (mj.adaptive_recovery(run.histories[name], [4, 5], model.apply, tx, clients, cfg, stale_offsets=so,
+                                     **kw) for so in (False, True))
+        assert all(np.all(np.isfinite(x)) for x in leaves(b.params)) and b.client_cost <= 0.6 + 1e-9
+        if name == "f32":
+            close(a.params, b.params, rtol=1e-6, atol=1e-7)
+        else:
+            assert max(np.max(np.abs(x - y)) for x, y in zip(leaves(a.params), leaves(b.params))) > 1e-6

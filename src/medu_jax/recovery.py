@@ -127,11 +127,12 @@ def _share(weights, valid, kept):
 
 
 @jax.jit
-def _estimate(w_u, w_o, stored, valid, keep, S, Y, count, tau):
-    """FedRecover's estimate of every client's update at w_u: stored - B_i (w_u - w), and which remaining
-    clients are abnormal (an entry above tau, or non-finite)."""
-    v = w_u - w_o
-    est = stored - jax.vmap(lambda s, y, c: lbfgs_hvp(s, y, c, v, rayleigh=True))(S, Y, count)
+def _estimate(v, stored, valid, keep, S, Y, count, tau):
+    """FedRecover's estimate of every client's update at w_u: stored - B_i v_i with v_i = w_u - w (one offset for
+    all, (d,), or one per client, (K, d)), and which remaining clients are abnormal (an entry above tau, or
+    non-finite)."""
+    v = jnp.broadcast_to(v, stored.shape)
+    est = stored - jax.vmap(lambda s, y, c, vi: lbfgs_hvp(s, y, c, vi, rayleigh=True))(S, Y, count, v)
     big = jnp.max(jnp.abs(est), axis=1)
     abnormal = keep & valid & ~(big <= tau)  # NaN compares False: non-finite estimates are abnormal too
     return est, abnormal
@@ -139,13 +140,13 @@ def _estimate(w_u, w_o, stored, valid, keep, S, Y, count, tau):
 
 @jax.jit
 def _add_pairs(S, Y, count, s, y, mask, extend):
-    """Adds the pair (s, y_i) of one exact round to the buffers of the clients in ``mask``, if it has positive
-    curvature. A client in ``extend`` (its newest pair is the sum over the exact rounds just before this one, see
+    """Adds the pair (s_i, y_i) of one exact round (s: (d,) for every client, or (K, d)) to the buffers of the
+    clients in ``mask``, if it has positive curvature. A client in ``extend`` (its newest pair is the sum over the exact rounds just before this one, see
     ``adaptive_recovery``) gets its newest pair replaced by (S_new + s, Y_new + y_i); the others get (s, y_i)
     appended. Returns the buffers and the clients whose newest pair now ends at this round."""
     k = S.shape[0]
     ext = extend[:, None]
-    s_i = jnp.broadcast_to(s, (k, s.shape[0])) + jnp.where(ext, S[:, -1], 0.0)
+    s_i = jnp.broadcast_to(s, (k, s.shape[-1])) + jnp.where(ext, S[:, -1], 0.0)
     y_i = y + jnp.where(ext, Y[:, -1], 0.0)
     ok = mask & (jnp.sum(y_i * s_i, 1) > 1e-12 * jnp.linalg.norm(s_i, axis=1) * jnp.linalg.norm(y_i, axis=1)) \
         & jnp.all(jnp.isfinite(y_i), 1)
@@ -154,6 +155,13 @@ def _add_pairs(S, Y, count, s, y, mask, extend):
     y_n = jnp.concatenate([old_y, y_i[:, None]], axis=1)
     return (jnp.where(ok[:, None, None], s_n, S), jnp.where(ok[:, None, None], y_n, Y),
             jnp.where(ok & ~extend, jnp.minimum(count + 1, S.shape[1]), count), ok)
+
+
+@jax.jit
+def _rows_at(rows_at, w_o, present):
+    """The original-trajectory model each client's current row was computed at: this round's for the clients
+    whose row the round stores, unchanged for the others (their row is an earlier round's, kept by ``missing``)."""
+    return jnp.where(present[:, None], w_o[None], rows_at)
 
 
 @jax.jit
@@ -258,10 +266,11 @@ class _Schedule:
 
 
 def _recover(history: History, remove, apply_fn, tx, data: ClientData, cfg: FedConfig, schedule: _Schedule,
-             memory: int, alpha: float, method: str, run_pairs: bool = False, remaining_corrections: bool = False
-             ) -> Recovery:
+             memory: int, alpha: float, method: str, run_pairs: bool = False, remaining_corrections: bool = False,
+             stale_offsets: bool = False) -> Recovery:
     """The FedRecover loop over the history's rounds (see ``fedrecover``); ``run_pairs``: one pair per run of
-    consecutive exact rounds, ``remaining_corrections``: estimated rounds take the model corrections (see
+    consecutive exact rounds, ``remaining_corrections``: estimated rounds take the model corrections,
+    ``stale_offsets``: each client's offset is taken from the model its row was computed at (see
     ``adaptive_recovery``)."""
     _full(history, method)
     remove, excl, ones = _check(history, remove, data, cfg, method)
@@ -278,12 +287,18 @@ def _recover(history: History, remove, apply_fn, tx, data: ClientData, cfg: FedC
     full = retrain_steps(data, cfg, remove)
     anchor = None  # w_u - w at the last exact round (the adaptive trigger's reference)
     in_run = jnp.zeros((k,), bool)  # clients whose newest pair sums the exact rounds up to the previous one
+    rows_at = jnp.broadcast_to(w_o, (k, d)) if stale_offsets else None  # the model each client's row was computed at
     for i, t, msg in _messages(history):
         stored, valid, state = _decode(history.compressor, msg, state, compressor_key(history.seed, t))
         stored_valid, flat_u = valid, _flat(w_u)
         corr = None if msg.correction is None else \
             _correction(history.compressor, msg.correction, compressor_key(history.seed, t), state)
         v = flat_u - w_o
+        if stale_offsets:
+            rows_at = _rows_at(rows_at, w_o, jnp.asarray(msg.present))
+            offsets = flat_u - rows_at
+        else:
+            offsets = v
         exact = i in schedule.fixed
         # local steps the fixed exact rounds still to come will take: the budget keeps room for them
         reserve = sum(1 for j in schedule.fixed if j > i) * full / max(history.num_rounds, 1)
@@ -294,7 +309,7 @@ def _recover(history: History, remove, apply_fn, tx, data: ClientData, cfg: FedC
         if exact:
             r = fed_round(apply_fn, tx, cfg, w_u, data, t, excl, ones, model_state=srv_u.model_state)
             ex, active = _flat_users(r.updates), r.active
-            S, Y, count, ended = _add_pairs(S, Y, count, v, stored - ex, active & valid & keep, in_run)
+            S, Y, count, ended = _add_pairs(S, Y, count, offsets, stored - ex, active & valid & keep, in_run)
             if run_pairs:  # the next round, if exact, extends these clients' pairs
                 in_run = ended
             steps += int(jnp.sum(active)) * cfg.local_steps
@@ -303,7 +318,7 @@ def _recover(history: History, remove, apply_fn, tx, data: ClientData, cfg: FedC
             w_u = srv_u.after_round(w_u, r)
         else:
             in_run = jnp.zeros((k,), bool)
-            est, abnormal = _estimate(flat_u, w_o, stored, valid, keep, S, Y, count, tau)
+            est, abnormal = _estimate(offsets, stored, valid, keep, S, Y, count, tau)
             n_ab = int(jnp.sum(abnormal))
             if n_ab and (steps + reserve + n_ab * cfg.local_steps) / full > schedule.budget:
                 # budget spent (adaptive only): the abnormal clients' stored rows enter uncorrected
@@ -311,7 +326,7 @@ def _recover(history: History, remove, apply_fn, tx, data: ClientData, cfg: FedC
             elif n_ab:  # abnormality fixing: those clients compute their exact update
                 r = fed_round(apply_fn, tx, cfg, w_u, data, t, ~abnormal, ones, model_state=srv_u.model_state)
                 ex, active = _flat_users(r.updates), r.active
-                S, Y, count, _ = _add_pairs(S, Y, count, v, stored - ex, active & valid, in_run)
+                S, Y, count, _ = _add_pairs(S, Y, count, offsets, stored - ex, active & valid, in_run)
                 est = jnp.where(active[:, None], ex, est)
                 n = int(jnp.sum(active))
                 steps, fixed = steps + n * cfg.local_steps, fixed + n
@@ -350,7 +365,8 @@ def fedrecover(history: History, remove: Iterable[int], apply_fn, tx, data: Clie
 
 def adaptive_recovery(history: History, remove: Iterable[int], apply_fn, tx, data: ClientData, cfg: FedConfig,
                       warmup: int = 5, tune: int = 5, drift: float = 0.5, budget: float = 0.3, memory: int = 2,
-                      alpha: float = 1e-4, remaining_corrections: bool = False) -> Recovery:
+                      alpha: float = 1e-4, remaining_corrections: bool = False, stale_offsets: bool = False
+                      ) -> Recovery:
     """The project's adaptive variant of FedRecover (the default of ``unlearn``): exact rounds where the
     recovered trajectory drifts, within a client budget.
 
@@ -384,7 +400,7 @@ def adaptive_recovery(history: History, remove: Iterable[int], apply_fn, tx, dat
     fixed = frozenset(i for i in range(t) if i < warmup or i >= t - tune)
     return _recover(history, remove, apply_fn, tx, data, cfg, _Schedule(fixed, float(drift), float(budget)),
                     memory, alpha, "adaptive_recovery", run_pairs=True,
-                    remaining_corrections=bool(remaining_corrections))
+                    remaining_corrections=bool(remaining_corrections), stale_offsets=bool(stale_offsets))
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "tx", "cal_cfg"))
