@@ -393,6 +393,12 @@ def adaptive_recovery(history: History, remove: Iterable[int], apply_fn, tx, dat
     error and the staleness of the rows sparsification left out, and the kept users' share of it is its best
     linear estimate for their aggregate. Measured on four MNIST-1D cells it was not a consistent gain
     (docs/recovery.md).
+
+    ``stale_offsets`` (opt-in, the project's own): a sparsified or thresholded history gives a client, in a round
+    that did not store it, its last stored row, computed at an earlier model of the original trajectory. FedRecover
+    expands a row around the model it was computed at, so the offset of such a client is w_u minus that earlier
+    model (in its estimate and in the curvature pairs it adds), not minus this round's. With a history that
+    stores every row in every round (float32) it changes nothing. Costs one (K, d) float32 array.
     """
     if not drift > 0:
         raise ValueError(f"adaptive_recovery: drift must be > 0, got {drift!r}")
