@@ -56,13 +56,18 @@ CELLS = (("digits", 0.3, "backdoor", 0.2), ("digits", None, "sign_flip", 0.2),
          ("mnist1d", 0.3, "targeted_flip", 0.1), ("mnist1d", None, "backdoor", 0.1))
 
 
+def medu_options(options: dict) -> dict:
+    """A setting's medu() keywords (everything but its adaptive-recovery options)."""
+    return {k: v for k, v in options.items() if k != "recovery"}
+
+
 def compressor(options: dict) -> C.Compressor:
-    return C.medu(**{k: v for k, v in options.items() if k != "recovery"})
+    return C.medu(**medu_options(options))
 
 
 def history_key(options: dict) -> str:
     """Settings that differ only in their recovery options share one history."""
-    return json.dumps({k: v for k, v in options.items() if k != "recovery"}, sort_keys=True)
+    return json.dumps(medu_options(options), sort_keys=True)
 
 
 def state_nbytes(state) -> int:
@@ -93,7 +98,7 @@ def run_cell(cell: dict, cfg: suite.SuiteConfig, settings: dict) -> list[dict]:
         except FloatingPointError:
             got, cost = {"accuracy": math.nan, "dist_to_retrain": math.nan}, math.nan
         peak = h.nbytes + state_nbytes(trained.codec_states[key])
-        rows.append({"scenario": suite._scenario(cell), "seed": cell["seed"], "setting": name, "options": settings[name],
+        rows.append({"scenario": suite._scenario(cell), "seed": cell["seed"], "setting": name, "options": opts,
                      "ratio": h.float32_nbytes / max(h.nbytes, 1), "peak_ratio": h.float32_nbytes / max(peak, 1),
                      "rebuild_error": rebuild_error(h, trained.params), "skips": h.skip_rates(),
                      "max_rel_error": float(np.max(trained.log["rel_error"][key])),

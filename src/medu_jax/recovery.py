@@ -141,9 +141,10 @@ def _estimate(v, stored, valid, keep, S, Y, count, tau):
 @jax.jit
 def _add_pairs(S, Y, count, s, y, mask, extend):
     """Adds the pair (s_i, y_i) of one exact round (s: (d,) for every client, or (K, d)) to the buffers of the
-    clients in ``mask``, if it has positive curvature. A client in ``extend`` (its newest pair is the sum over the exact rounds just before this one, see
-    ``adaptive_recovery``) gets its newest pair replaced by (S_new + s, Y_new + y_i); the others get (s, y_i)
-    appended. Returns the buffers and the clients whose newest pair now ends at this round."""
+    clients in ``mask``, if it has positive curvature. A client in ``extend`` (its newest pair is the sum over the
+    exact rounds just before this one, see ``adaptive_recovery``) gets its newest pair replaced by
+    (S_new + s_i, Y_new + y_i); the others get (s_i, y_i) appended. Returns the buffers and the clients whose newest
+    pair now ends at this round."""
     k = S.shape[0]
     ext = extend[:, None]
     s_i = jnp.broadcast_to(s, (k, s.shape[-1])) + jnp.where(ext, S[:, -1], 0.0)
