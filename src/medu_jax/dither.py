@@ -381,9 +381,10 @@ def _try(alpha: float, ub: list, z: list, lat: Lattice, bits: int, cdt) -> tuple
     return c, functools.reduce(jnp.logical_and, [a == b for a, b in zip(back, cq)])
 
 
-def _ladder(ub: list, z: list, alphas: tuple, lat: Lattice, bits: int, cdt) -> list:
-    """Codes of the first shrink factor in ``alphas`` that fits, per block; code 0 (the point 0) if none does."""
-    code, found = None, None
+def _ladder(ub: list, z: list, alphas: tuple, lat: Lattice, bits: int, cdt, first=None) -> list:
+    """Codes of the first shrink factor in ``alphas`` that fits, per block; code 0 (the point 0) if none does.
+    ``first``: the (codes, fits) of a factor already tried, taken where it fits."""
+    code, found = first if first is not None else (None, None)
     for alpha in alphas:
         c, fits = _try(alpha, ub, z, lat, bits, cdt)
         if code is None:
@@ -395,9 +396,34 @@ def _ladder(ub: list, z: list, alphas: tuple, lat: Lattice, bits: int, cdt) -> l
     return [jnp.where(found, v, 0) for v in code]
 
 
-def encode_normalized(u: Array, key: Array, spec: QuantizerSpec, offset: int = 0) -> tuple[Array, Array]:
-    """Codes (uint32, same length) and overload count of u = x / (step * scale), padded to a multiple of L;
-    the dither is the stream's numbers offset .. offset + len(u) - 1.
+def _segment_blocks(vs: list, L: int) -> list:
+    """Segments (each (padded length,)) -> L arrays over all their blocks, segment after segment: every block is
+    the one ``_blocks`` gives within its own segment, so one lattice pass codes them all (XLA compiles one pass
+    instead of one per pytree leaf: 2.5x less compile time for a 4-leaf MLP)."""
+    per = [_blocks(v, L) for v in vs]
+    return [jnp.concatenate([b[j] for b in per]) if len(per) > 1 else per[0][j] for j in range(L)]
+
+
+def _segment_dither(key: Array, spec: QuantizerSpec, npads: tuple, dtype) -> list:
+    """The dither of consecutive padded segments (each as ``dither`` with its offset), as ``_segment_blocks``."""
+    u = uniform01(key, sum(npads), dtype)
+    offs = np.cumsum((0,) + tuple(npads[:-1]))
+    coords = _segment_blocks([u[o : o + n] for o, n in zip(offs, npads)], spec.lattice.dim)
+    return spec.lattice.from_coords_list([c - 0.5 for c in coords])
+
+
+def _split_blocks(cs: list, nbs: tuple) -> list:
+    """Inverse of ``_segment_blocks``: L arrays over all blocks -> one (padded length,) array per segment."""
+    out, b = [], 0
+    for nb in nbs:
+        out.append(jnp.concatenate([c[b : b + nb] for c in cs]))
+        b += nb
+    return out
+
+
+def encode_segments(us: list, key: Array, spec: QuantizerSpec) -> tuple[list, Array]:
+    """Codes (uint32, one array per segment) and overload count of consecutive padded segments u = x / (step *
+    scale); segment i's dither is the stream's numbers from the sum of the earlier segments' lengths on.
 
     Overloaded blocks (rare) walk the shrink ladder. For D4 and E8, whose nearest-point search is costly,
     segments of more than 256 blocks run the ladder only on their first ceil(blocks / 16) overloaded blocks,
@@ -405,30 +431,42 @@ def encode_normalized(u: Array, key: Array, spec: QuantizerSpec, offset: int = 0
     overloaded blocks (a segment where over 1/16 overload has a badly chosen scale) are coded 0.
     """
     lat = spec.lattice
-    cdt = u.dtype
-    ub = _blocks(u, lat.dim)
-    z = dither(key, spec, u.shape[0], cdt, offset)
+    cdt = us[0].dtype
+    nbs = tuple(u.shape[0] // lat.dim for u in us)
+    ub = _segment_blocks(us, lat.dim)
+    z = _segment_dither(key, spec, tuple(u.shape[0] for u in us), cdt)
     c, fits = _try(1.0, ub, z, lat, spec.bits, cdt)
     overload = jnp.sum(~fits, dtype=jnp.int32)
-    nb = ub[0].shape[0]
-    if nb <= LADDER_DENSE_BLOCKS or lat.dim < 4:
-        code = _ladder(ub, z, spec.ladder, lat, spec.bits, cdt)
-    else:
-        cap = -(-nb // LADDER_SHARE)
-        idx = jnp.nonzero(~fits, size=cap, fill_value=nb)[0]
-        g = jnp.minimum(idx, nb - 1)
-        sub = _ladder([a[g] for a in ub], [b[g] for b in z], spec.ladder[1:], lat, spec.bits, cdt)
-        code = [jnp.where(fits, v, 0).at[idx].set(sv, mode="drop") for v, sv in zip(c, sub)]
-    return jnp.concatenate(code).astype(jnp.uint32), overload
+    dense = [nb <= LADDER_DENSE_BLOCKS or lat.dim < 4 for nb in nbs]
+    if all(dense):
+        codes = _split_blocks(_ladder(ub, z, spec.ladder[1:], lat, spec.bits, cdt, (c, fits)), nbs)
+        return [v.astype(jnp.uint32) for v in codes], overload
+    codes, b = [], 0
+    for nb, d in zip(nbs, dense):
+        part = lambda a: [v[b : b + nb] for v in a]  # noqa: E731
+        pc, pf, pu, pz = part(c), fits[b : b + nb], part(ub), part(z)
+        if d:
+            code = _ladder(pu, pz, spec.ladder[1:], lat, spec.bits, cdt, (pc, pf))
+        else:
+            cap = -(-nb // LADDER_SHARE)
+            idx = jnp.nonzero(~pf, size=cap, fill_value=nb)[0]
+            g = jnp.minimum(idx, nb - 1)
+            sub = _ladder([a[g] for a in pu], [a[g] for a in pz], spec.ladder[1:], lat, spec.bits, cdt)
+            code = [jnp.where(pf, v, 0).at[idx].set(sv, mode="drop") for v, sv in zip(pc, sub)]
+        codes.append(jnp.concatenate(code).astype(jnp.uint32))
+        b += nb
+    return codes, overload
 
 
-def decode_normalized(codes: Array, key: Array, spec: QuantizerSpec, dtype=jnp.float32, offset: int = 0) -> Array:
-    """(Q - z) * step for codes of a padded vector: the reconstruction in units of the group scales."""
+def decode_segments(codes: list, key: Array, spec: QuantizerSpec, dtype=jnp.float32) -> list:
+    """(Q - z) * step for the codes of consecutive padded segments (one array each): the reconstructions in
+    units of the group scales."""
     lat = spec.lattice
-    p = _wrap(lat.from_coords_list([c.astype(dtype) for c in _blocks(codes.astype(jnp.int32), lat.dim)]), lat,
-              spec.bits)
-    z = dither(key, spec, codes.shape[0], dtype, offset)
-    return jnp.concatenate([(a - b) * spec.step for a, b in zip(p, z)])
+    nbs = tuple(c.shape[0] // lat.dim for c in codes)
+    cb = _segment_blocks([c.astype(jnp.int32) for c in codes], lat.dim)
+    p = _wrap(lat.from_coords_list([c.astype(dtype) for c in cb]), lat, spec.bits)
+    z = _segment_dither(key, spec, tuple(c.shape[0] for c in codes), dtype)
+    return _split_blocks([(a - b) * spec.step for a, b in zip(p, z)], nbs)
 
 
 def _compute_dtype(dtype) -> jnp.dtype:
@@ -437,7 +475,7 @@ def _compute_dtype(dtype) -> jnp.dtype:
 
 def quantize_segments(xs: list, key: Array, spec: QuantizerSpec, layout: Layout) -> Quantized:
     """Encodes segments xs[i] (sizes[i],) in the compute dtype: codes of all padded segments concatenated."""
-    codes, scales, overload = [], [], jnp.zeros((), jnp.int32)
+    us, scales = [], []
     for i, x in enumerate(xs):
         group, npad = layout.group_length(i), layout.padded_sizes[i]
         s = segment_scales(x, group, spec.scale)
@@ -447,20 +485,18 @@ def quantize_segments(xs: list, key: Array, spec: QuantizerSpec, layout: Layout)
         inv = ((1.0 / spec.step) / jnp.where(s > 0, jnp.where(tiny, s * TINY_LIFT, s), 1.0)).astype(x.dtype)
         xp = jnp.pad(x, (0, npad - x.shape[0]))
         lifted = jnp.where(_per_entry(tiny, group, npad), xp * jnp.asarray(TINY_LIFT, x.dtype), xp)
-        u = lifted * _per_entry(inv, group, npad)
-        c, ov = encode_normalized(u, key, spec, layout.offsets[i])
-        codes.append(c)
+        us.append(lifted * _per_entry(inv, group, npad))
         scales.append(s)
-        overload = overload + ov
+    codes, overload = encode_segments(us, key, spec)
     return Quantized(jnp.concatenate(codes), jnp.concatenate(scales), overload)
 
 
 def dequantize_segments(codes: Array, scales: Array, key: Array, spec: QuantizerSpec, layout: Layout, dtype) -> list:
     """Decodes concatenated padded codes into one (sizes[i],) array per segment, in the compute dtype."""
     out, base, gain = [], 0, spec.decode_gain
-    for i, (n, npad, off) in enumerate(zip(layout.sizes, layout.padded_sizes, layout.offsets)):
+    us = decode_segments([codes[o : o + n] for o, n in zip(layout.offsets, layout.padded_sizes)], key, spec, dtype)
+    for i, (n, npad, u) in enumerate(zip(layout.sizes, layout.padded_sizes, us)):
         ng = layout.groups_per_segment[i]
-        u = decode_normalized(codes[off : off + npad], key, spec, dtype, off)
         s = scales[base : base + ng].astype(dtype)
         if gain is not None:
             s = s * jnp.asarray(gain, dtype)
