@@ -112,6 +112,22 @@ def test_adaptive_spends_exact_rounds_within_its_budget():
         mj.adaptive_recovery(h, [4], model.apply, tx, clients, cfg, drift=0)
 
 
+def test_exact_tail_spends_the_unused_budget_on_the_last_rounds():
+    """exact_tail: with no drift rounds and no fixes, 12 rounds, warm-up 2 and budget 0.5, rounds 8-11 are the
+    ones the budget can still cover to the end, so the schedule is the one of tune=4 without the tail rule."""
+    ds, clients, model, params0, tx, cfg, run = setup()
+    h = run.histories["medu"]
+    kw = dict(warmup=2, drift=1e6, alpha=0, stale_offsets=True)
+    tail = mj.adaptive_recovery(h, [4, 5], model.apply, tx, clients, cfg, tune=1, budget=0.5, exact_tail=True, **kw)
+    fixed = mj.adaptive_recovery(h, [4, 5], model.apply, tx, clients, cfg, tune=4, **kw)
+    plain = mj.adaptive_recovery(h, [4, 5], model.apply, tx, clients, cfg, tune=1, budget=0.5, **kw)
+    assert tail.exact_rounds == fixed.exact_rounds == 6 and plain.exact_rounds == 3
+    assert tail.client_cost == pytest.approx(0.5) and tail.client_cost <= 0.5 + 1e-9
+    for x, y in zip(leaves(tail.params), leaves(fixed.params)):
+        np.testing.assert_array_equal(x, y)
+    assert max(np.max(np.abs(x - y)) for x, y in zip(leaves(tail.params), leaves(plain.params))) > 1e-6
+
+
 def test_adaptive_budget_caps_abnormality_fixing_and_counts_what_it_does_not_fix():
     ds, clients, model, params0, tx, cfg, run = setup()
     h = run.histories["medu"]

@@ -264,6 +264,7 @@ class _Schedule:
     fixed: frozenset
     drift: float = math.inf
     budget: float = math.inf  # client cost the adaptive rounds and fixes may reach (fixed rounds always run)
+    tail: bool = False  # every round is exact once the budget covers all the rounds still to come
 
 
 def _recover(history: History, remove, apply_fn, tx, data: ClientData, cfg: FedConfig, schedule: _Schedule,
@@ -303,6 +304,9 @@ def _recover(history: History, remove, apply_fn, tx, data: ClientData, cfg: FedC
         exact = i in schedule.fixed
         # local steps the fixed exact rounds still to come will take: the budget keeps room for them
         reserve = sum(1 for j in schedule.fixed if j > i) * full / max(history.num_rounds, 1)
+        if not exact and schedule.tail and \
+                (steps + (history.num_rounds - i) * full / history.num_rounds) / full <= schedule.budget:
+            exact = True
         if not exact and anchor is not None and math.isfinite(schedule.drift) and \
                 (steps + reserve) / full + 1.0 / max(history.num_rounds, 1) <= schedule.budget:
             moved = float(jnp.linalg.norm(v - anchor) / jnp.maximum(jnp.linalg.norm(anchor), 1e-30))
@@ -366,8 +370,8 @@ def fedrecover(history: History, remove: Iterable[int], apply_fn, tx, data: Clie
 
 def adaptive_recovery(history: History, remove: Iterable[int], apply_fn, tx, data: ClientData, cfg: FedConfig,
                       warmup: int = 5, tune: int = 5, drift: float = 0.5, budget: float = 0.3, memory: int = 2,
-                      alpha: float = 1e-4, remaining_corrections: bool = False, stale_offsets: bool = False
-                      ) -> Recovery:
+                      alpha: float = 1e-4, remaining_corrections: bool = False, stale_offsets: bool = False,
+                      exact_tail: bool = False) -> Recovery:
     """The project's adaptive variant of FedRecover (the default of ``unlearn``): exact rounds where the
     recovered trajectory drifts, within a client budget.
 
@@ -400,12 +404,18 @@ def adaptive_recovery(history: History, remove: Iterable[int], apply_fn, tx, dat
     expands a row around the model it was computed at, so the offset of such a client is w_u minus that earlier
     model (in its estimate and in the curvature pairs it adds), not minus this round's. With a history that
     stores every row in every round (float32) it changes nothing. Costs one (K, d) float32 array.
+
+    ``exact_tail`` (opt-in, the project's own): budget the drift rounds left unspent goes to the last rounds: a
+    round is exact as soon as the budget covers it and every round after it (at retraining's cost per round), so
+    the recovery ends with as many exact rounds of the remaining clients as the budget allows. Exact rounds late in
+    the recovery act on the model that is returned, where the estimates' errors have had no time to be corrected.
     """
     if not drift > 0:
         raise ValueError(f"adaptive_recovery: drift must be > 0, got {drift!r}")
     t = history.num_rounds
     fixed = frozenset(i for i in range(t) if i < warmup or i >= t - tune)
-    return _recover(history, remove, apply_fn, tx, data, cfg, _Schedule(fixed, float(drift), float(budget)),
+    schedule = _Schedule(fixed, float(drift), float(budget), bool(exact_tail))
+    return _recover(history, remove, apply_fn, tx, data, cfg, schedule,
                     memory, alpha, "adaptive_recovery", run_pairs=True,
                     remaining_corrections=bool(remaining_corrections), stale_offsets=bool(stale_offsets))
 
