@@ -108,12 +108,13 @@ def test_sparsify_then_threshold_share_one_reference_with_the_same_bits(tau, fra
             params = {"a": jnp.zeros((5, 3)), "b": {"c": jnp.zeros((7,))}}
             state = comp.init(stacked_updates(params, k, jax.random.key(0)))
             nbytes = sum(a.nbytes for a in jax.tree.leaves(state["filters"]))
+            enc = jax.jit(lambda *a: comp.encode(*a))  # a new function: traced here, under this shares_reference
             out = []
             for t in range(6):
                 kt = jax.random.fold_in(jax.random.key(seed), t)
                 ups = stacked_updates(params, k, kt)
                 active = jax.random.bernoulli(jax.random.fold_in(kt, 1), 0.7, (k,))
-                msg, state, dec, valid, _ = comp.encode(ups, state, mj.compressor_key(seed, t), active)
+                msg, state, dec, valid, _ = enc(ups, state, mj.compressor_key(seed, t), active)
                 out.append((msg, dec, valid))
             return out, nbytes
         finally:

@@ -383,16 +383,20 @@ def _try(alpha: float, ub: list, z: list, lat: Lattice, bits: int, cdt) -> tuple
 
 def _ladder(ub: list, z: list, alphas: tuple, lat: Lattice, bits: int, cdt, first=None) -> list:
     """Codes of the first shrink factor in ``alphas`` that fits, per block; code 0 (the point 0) if none does.
-    ``first``: the (codes, fits) of a factor already tried, taken where it fits."""
-    code, found = first if first is not None else (None, None)
-    for alpha in alphas:
+    ``first``: the (codes, fits) of a factor already tried, taken where it fits. The factors run in a
+    ``lax.scan``, so the nearest-point search is compiled once, not once per factor."""
+    if first is None:
+        first, alphas = _try(alphas[0], ub, z, lat, bits, cdt), alphas[1:]
+
+    def step(carry, alpha):
+        code, found = carry
         c, fits = _try(alpha, ub, z, lat, bits, cdt)
-        if code is None:
-            code, found = c, fits
-        else:
-            take = fits & ~found
-            code = [jnp.where(take, a, b) for a, b in zip(c, code)]
-            found = found | fits
+        take = fits & ~found
+        return ([jnp.where(take, a, b) for a, b in zip(c, code)], found | fits), None
+
+    code, found = first
+    if alphas:
+        (code, found), _ = jax.lax.scan(step, (list(code), found), jnp.asarray(alphas, cdt))
     return [jnp.where(found, v, 0) for v in code]
 
 
