@@ -400,20 +400,23 @@ def _ladder(ub: list, z: list, alphas: tuple, lat: Lattice, bits: int, cdt, firs
     return [jnp.where(found, v, 0) for v in code]
 
 
-def _segment_blocks(vs: list, L: int) -> list:
-    """Segments (each (padded length,)) -> L arrays over all their blocks, segment after segment: every block is
-    the one ``_blocks`` gives within its own segment, so one lattice pass codes them all (XLA compiles one pass
-    instead of one per pytree leaf: 2.5x less compile time for a 4-leaf MLP)."""
-    per = [_blocks(v, L) for v in vs]
+def _concat_blocks(per: list, L: int) -> list:
+    """Per-segment blocks (each L arrays) -> L arrays over all blocks, segment after segment."""
     return [jnp.concatenate([b[j] for b in per]) if len(per) > 1 else per[0][j] for j in range(L)]
 
 
+def _segment_blocks(vs: list, L: int) -> list:
+    """Segments (each (padded length,)) -> L arrays over all their blocks: every block is the one ``_blocks``
+    gives within its own segment, so one lattice pass codes them all (XLA compiles one pass instead of one per
+    pytree leaf; docs/performance.md, "One lattice pass for all leaves")."""
+    return _concat_blocks([_blocks(v, L) for v in vs], L)
+
+
 def _segment_dither(key: Array, spec: QuantizerSpec, npads: tuple, dtype) -> list:
-    """The dither of consecutive padded segments (each as ``dither`` with its offset), as ``_segment_blocks``."""
-    u = uniform01(key, sum(npads), dtype)
+    """The dither of consecutive padded segments (segment i's starts at the stream's number sum(npads[:i])), laid
+    out as ``_segment_blocks``."""
     offs = np.cumsum((0,) + tuple(npads[:-1]))
-    coords = _segment_blocks([u[o : o + n] for o, n in zip(offs, npads)], spec.lattice.dim)
-    return spec.lattice.from_coords_list([c - 0.5 for c in coords])
+    return _concat_blocks([dither(key, spec, n, dtype, int(o)) for o, n in zip(offs, npads)], spec.lattice.dim)
 
 
 def _split_blocks(cs: list, nbs: tuple) -> list:
