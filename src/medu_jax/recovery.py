@@ -43,6 +43,8 @@ from medu_jax.history import History, compressor_key
 from medu_jax.trees import tree_norm
 from medu_jax.unlearn import _flat_users, _init_state, lbfgs_hvp
 
+STALE_ROWS = ("last", "drop", "interpolate")  # adaptive_recovery's choices for a row its round did not store
+
 PyTree = Any
 
 
@@ -136,6 +138,18 @@ def _estimate(v, stored, valid, keep, S, Y, count, tau):
     big = jnp.max(jnp.abs(est), axis=1)
     abnormal = keep & valid & ~(big <= tau)  # NaN compares False: non-finite estimates are abnormal too
     return est, abnormal
+
+
+@jax.jit
+def _shrink(stored, est, abnormal, tau):
+    """An abnormal client's estimate stored - lam B v with the largest lam in {1, 1/2, ..., 2^-10} whose entries
+    all stay within tau (0: the stored row), the others' as they are: a trust region on the curvature model."""
+    c = stored - est
+    lams = [2.0 ** -j for j in range(11)]
+    oks = jnp.stack([jnp.max(jnp.abs(stored - lam * c), axis=1) <= tau for lam in lams])
+    lam = jnp.where(jnp.any(oks, 0), jnp.asarray(lams)[jnp.argmax(oks, 0)], 0.0)
+    lam = jnp.where(abnormal, lam, 1.0)[:, None]
+    return jnp.where(lam > 0, stored - lam * c, stored)
 
 
 @jax.jit
@@ -238,6 +252,53 @@ def _messages(history: History):
         yield i, ids[i], jax.tree.map(lambda a: a[0], history.expand([i]))
 
 
+class _Interpolator:
+    """stale_rows="interpolate": a row the round did not store, between two rows the history did store for that
+    user (rounds p < t < q), estimated as d_p + (t - p) / (q - p) (d_q - d_p), the original trajectory's update at
+    round t to first order in time instead of zeroth (recovery runs after training: the later row is known).
+    Holds every stored row decoded, (stored rows, d) float32, for the recovery's duration."""
+
+    def __init__(self, history: History):
+        if history.compressor.feedback is not None or any(
+                getattr(f, "missing", "last") != "last" for f in history.compressor.filters):
+            raise ValueError("stale_rows='interpolate' needs a history whose unstored rows are the users' last stored "
+                             "rows (missing='last', no error feedback)")
+        state, rows, present, n = _init_state(history.compressor, history.like), [], [], 0
+        index = np.full((history.num_rounds, history.num_users), -1, np.int64)
+        for i, t, msg in _messages(history):
+            stored, valid, state = _decode(history.compressor, msg, state, compressor_key(history.seed, t))
+            p = np.asarray(msg.present) & np.asarray(valid)
+            index[i, p] = n + np.arange(int(p.sum()))
+            n += int(p.sum())
+            rows.append(np.asarray(stored)[p])
+            present.append(p)
+        self.rows = np.concatenate(rows) if n else np.zeros((0, 0), np.float32)
+        self.index, present = index, np.stack(present) if present else np.zeros((0, 0), bool)
+        t_ = np.arange(history.num_rounds)[:, None]
+        self.prev = np.maximum.accumulate(np.where(present, t_, -1), axis=0)  # last stored round <= t
+        big = history.num_rounds
+        self.next = np.flip(np.minimum.accumulate(np.flip(np.where(present, t_, big), 0), axis=0), 0)
+        self.next = np.concatenate([self.next[1:], np.full((1, history.num_users), big)])  # first stored round > t
+        self.big = big
+
+    def __call__(self, i: int, stored: jax.Array, valid: jax.Array) -> jax.Array:
+        p, q = self.prev[i], self.next[i]
+        between = np.asarray(valid) & (p >= 0) & (p < i) & (q < self.big)
+        if not between.any():
+            return stored
+        users = np.flatnonzero(between)
+        frac = np.zeros((stored.shape[0], 1), np.float32)
+        frac[users, 0] = (i - p[users]) / (q[users] - p[users])
+        later = np.zeros(stored.shape, np.float32)
+        later[users] = self.rows[self.index[q[users], users]]
+        return _lerp(stored, jnp.asarray(later), jnp.asarray(frac), jnp.asarray(between))
+
+
+@jax.jit
+def _lerp(stored, later, frac, between):
+    return jnp.where(between[:, None], stored + frac * (later - stored), stored)
+
+
 def _full(history: History, method: str) -> None:
     """FedRecover's and FedEraser's bookkeeping (the original trajectory, the retention interval) needs every round
     and every active user: a selective history (Crab's) would silently skip rounds."""
@@ -269,16 +330,23 @@ class _Schedule:
 
 def _recover(history: History, remove, apply_fn, tx, data: ClientData, cfg: FedConfig, schedule: _Schedule,
              memory: int, alpha: float, method: str, run_pairs: bool = False, remaining_corrections: bool = False,
-             stale_offsets: bool = False) -> Recovery:
+             stale_offsets: bool = False, stale_rows: str = "last", abnormal: str = "exact") -> Recovery:
     """The FedRecover loop over the history's rounds (see ``fedrecover``); ``run_pairs``: one pair per run of
     consecutive exact rounds, ``remaining_corrections``: estimated rounds take the model corrections,
-    ``stale_offsets``: each client's offset is taken from the model its row was computed at (see
-    ``adaptive_recovery``)."""
+    ``stale_offsets``: each client's offset is taken from the model its row was computed at, ``stale_rows``:
+    "drop" leaves the rows a round did not store out of its estimated step (see ``adaptive_recovery``)."""
     _full(history, method)
     remove, excl, ones = _check(history, remove, data, cfg, method)
     if int(memory) < 1:
         raise ValueError(f"memory (L-BFGS pairs) must be >= 1, got {memory}")
+    if stale_rows not in STALE_ROWS:
+        raise ValueError(f"{method}: unknown stale_rows {stale_rows!r}: choose one of {STALE_ROWS}")
+    if stale_rows == "interpolate" and stale_offsets:
+        raise ValueError(f"{method}: stale_rows='interpolate' estimates every row at its round's model; "
+                         "stale_offsets (rows at the model they were computed at) does not apply")
+    interp = _Interpolator(history) if stale_rows == "interpolate" else None
     tau = jnp.float32(abnormality_threshold(history, alpha))
+    abnormal_mode = abnormal
     keep, weights = ~excl, jnp.asarray(history.weights, jnp.float32)
     w_u = jax.tree.map(jnp.asarray, history.params0)
     w_o = _flat(w_u)
@@ -293,6 +361,9 @@ def _recover(history: History, remove, apply_fn, tx, data: ClientData, cfg: FedC
     for i, t, msg in _messages(history):
         stored, valid, state = _decode(history.compressor, msg, state, compressor_key(history.seed, t))
         stored_valid, flat_u = valid, _flat(w_u)
+        decoded = stored  # the original trajectory's rows; recovery's (stored) may be interpolated
+        if interp is not None:
+            stored = interp(i, stored, valid)
         corr = None if msg.correction is None else \
             _correction(history.compressor, msg.correction, compressor_key(history.seed, t), state)
         v = flat_u - w_o
@@ -323,11 +394,17 @@ def _recover(history: History, remove, apply_fn, tx, data: ClientData, cfg: FedC
             w_u = srv_u.after_round(w_u, r)
         else:
             in_run = jnp.zeros((k,), bool)
+            if stale_rows == "drop":  # only the rows this round stored: the stored users are the round's sample
+                valid = valid & jnp.asarray(msg.present)
             est, abnormal = _estimate(offsets, stored, valid, keep, S, Y, count, tau)
             n_ab = int(jnp.sum(abnormal))
-            if n_ab and (steps + reserve + n_ab * cfg.local_steps) / full > schedule.budget:
+            if n_ab and abnormal_mode == "shrink":
+                est, dropped = _shrink(stored, est, abnormal, tau), dropped + n_ab
+            elif n_ab and (steps + reserve + n_ab * cfg.local_steps) / full > schedule.budget:
                 # budget spent (adaptive only): the abnormal clients' stored rows enter uncorrected
-                est, dropped = jnp.where(abnormal[:, None], stored, est), dropped + n_ab
+                est = _shrink(stored, est, abnormal, tau) if abnormal_mode == "exact_shrink" else \
+                    jnp.where(abnormal[:, None], stored, est)
+                dropped = dropped + n_ab
             elif n_ab:  # abnormality fixing: those clients compute their exact update
                 r = fed_round(apply_fn, tx, cfg, w_u, data, t, ~abnormal, ones, model_state=srv_u.model_state)
                 ex, active = _flat_users(r.updates), r.active
@@ -340,7 +417,7 @@ def _recover(history: History, remove, apply_fn, tx, data: ClientData, cfg: FedC
             if remaining_corrections and corr is not None:
                 flat_new = flat_new + _share(weights, stored_valid, valid & keep) * corr
             w_u = _unflat(flat_new, w_u)
-        w_o = srv_o.step(w_o, stored, stored_valid, weights)  # the original trajectory
+        w_o = srv_o.step(w_o, decoded, stored_valid, weights)  # the original trajectory
         if corr is not None:  # ... put back on the trained one by the round's model correction
             w_o = w_o + corr
     return _recovery(w_u, steps, data, cfg, remove, exact_rounds, fixed, dropped, start=history.params0,
@@ -371,7 +448,7 @@ def fedrecover(history: History, remove: Iterable[int], apply_fn, tx, data: Clie
 def adaptive_recovery(history: History, remove: Iterable[int], apply_fn, tx, data: ClientData, cfg: FedConfig,
                       warmup: int = 5, tune: int = 5, drift: float = 0.5, budget: float = 0.3, memory: int = 2,
                       alpha: float = 1e-4, remaining_corrections: bool = False, stale_offsets: bool = False,
-                      exact_tail: bool = False) -> Recovery:
+                      exact_tail: bool = False, stale_rows: str = "last", abnormal: str = "exact") -> Recovery:
     """The project's adaptive variant of FedRecover (the default of ``unlearn``): exact rounds where the
     recovered trajectory drifts, within a client budget.
 
@@ -409,6 +486,13 @@ def adaptive_recovery(history: History, remove: Iterable[int], apply_fn, tx, dat
     round is exact as soon as the budget covers it and every round after it (at retraining's cost per round), so
     the recovery ends with as many exact rounds of the remaining clients as the budget allows. Exact rounds late in
     the recovery act on the model that is returned, where the estimates' errors have had no time to be corrected.
+
+    ``stale_rows`` (the project's own): what an estimated round does with a client whose row this round did not
+    store (sparsified or thresholded out): "last" (the default) estimates from its last stored row, as decoded;
+    "drop" leaves it out of the round, so an estimated round is FedAvg over the clients the round stored (a
+    random sample with random sparsification) and every estimate expands a row at the model it was computed at.
+    Exact rounds and their curvature pairs are unchanged (with ``stale_offsets`` a stale row's pair is taken
+    around its own model).
     """
     if not drift > 0:
         raise ValueError(f"adaptive_recovery: drift must be > 0, got {drift!r}")
@@ -417,7 +501,8 @@ def adaptive_recovery(history: History, remove: Iterable[int], apply_fn, tx, dat
     schedule = _Schedule(fixed, float(drift), float(budget), bool(exact_tail))
     return _recover(history, remove, apply_fn, tx, data, cfg, schedule,
                     memory, alpha, "adaptive_recovery", run_pairs=True,
-                    remaining_corrections=bool(remaining_corrections), stale_offsets=bool(stale_offsets))
+                    remaining_corrections=bool(remaining_corrections), stale_offsets=bool(stale_offsets),
+                    stale_rows=stale_rows, abnormal=abnormal)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "tx", "cal_cfg"))
