@@ -51,11 +51,9 @@ SETTINGS = {
     "keep 0.2 A2 2 ANS rc stale": dict(fraction=0.2, bits=2,
                                        recovery=dict(remaining_corrections=True, stale_offsets=True)),
     "keep 0.15 stale": dict(fraction=0.15, recovery=dict(stale_offsets=True)),
-    # issue 15, session 14: 7 users a round with the budget's tail, and what the estimated rounds do with stale rows
+    # issue 15, session 14: 7 users a round with the budget's tail; interpolated stale rows
     "keep 0.14 tail": dict(fraction=0.14, recovery=dict(exact_tail=True)),
-    "keep 0.14 tail drop": dict(fraction=0.14, recovery=dict(exact_tail=True, stale_rows="drop")),
-    "keep 0.14 tail drop stale": dict(fraction=0.14, recovery=dict(exact_tail=True, stale_rows="drop",
-                                                                   stale_offsets=True)),
+    "keep 0.14 tail interp": dict(fraction=0.14, recovery=dict(exact_tail=True, stale_rows="interpolate")),
     "keep 0.14 tail drift 1": dict(fraction=0.14, recovery=dict(exact_tail=True, drift=1.0)),
 }
 CELLS = (("digits", 0.3, "backdoor", 0.2), ("digits", None, "sign_flip", 0.2),

@@ -402,38 +402,6 @@ def test_stale_offsets_expand_each_row_around_the_model_it_was_computed_at():
             assert max(np.max(np.abs(x - y)) for x, y in zip(leaves(a.params), leaves(b.params))) > 1e-6
 
 
-def test_stale_rows_drop_steps_with_the_rows_the_round_stored():
-    """adaptive_recovery(stale_rows="drop"): an estimated round leaves out the clients whose row it did not store.
-    With every estimate abnormal and no budget to fix it, those rounds are FedAvg steps over the stored rows of the
-    remaining clients the round stored (the reference below); a float32 history stores every row, so there it is
-    the default bit for bit."""
-    from medu_jax.fedavg import fed_round, weighted_mean
-
-    ds, clients, model, params0, tx, cfg, run = setup()
-    h, remove = run.histories["medu"], [4, 5]
-    kw = dict(warmup=2, tune=1, drift=1e6, budget=0.0, alpha=0.999)
-    rec = mj.adaptive_recovery(h, remove, model.apply, tx, clients, cfg, stale_rows="drop", **kw)
-    keep = jnp.asarray(~np.isin(np.arange(K), remove))
-    state, w, n, left_out = R._init_state(h.compressor, h.like), jax.tree.map(jnp.asarray, h.params0), 0, 0
-    for i, t, msg in R._messages(h):
-        stored, valid, state = R._decode(h.compressor, msg, state, mj.compressor_key(h.seed, t))
-        if i < 2 or i == h.num_rounds - 1:
-            w = fed_round(model.apply, tx, cfg, w, clients, t, ~keep, jnp.ones((K,)), model_state={}).params
-        else:
-            use = valid & keep & jnp.asarray(msg.present)
-            w = R._unflat(R._flat(w) + h.server_lr * weighted_mean(stored, use, jnp.asarray(h.weights)), w)
-            n, left_out = n + int(jnp.sum(use)), left_out + int(jnp.sum(valid & keep & ~use))
-    assert rec.dropped_estimates == n > 0 and left_out > 0  # some stale rows were there to leave out
-    close(rec.params, w, rtol=1e-6, atol=1e-7)
-    f32 = run.histories["f32"]
-    a, b = (mj.adaptive_recovery(f32, remove, model.apply, tx, clients, cfg, stale_rows=sr, warmup=2, tune=2,
-                                 drift=0.2, budget=0.6) for sr in ("last", "drop"))
-    for x, y in zip(leaves(a.params), leaves(b.params)):
-        np.testing.assert_array_equal(x, y)
-    with pytest.raises(ValueError, match="stale_rows"):
-        mj.adaptive_recovery(h, remove, model.apply, tx, clients, cfg, stale_rows="zero")
-
-
 def test_interpolated_rows_match_a_numpy_reference():
     """stale_rows="interpolate": a row its round did not store, between stored rows of rounds p < t < q, is
     d_p + (t - p) / (q - p) (d_q - d_p) (float64 reference from the decoded rounds); rows before a user's first or
@@ -471,3 +439,5 @@ def test_interpolated_rows_match_a_numpy_reference():
     ef = mj.train(model.apply, tx, params0, clients, cfg, {"ef": mj.medu(0.5, error_feedback=True)}).histories["ef"]
     with pytest.raises(ValueError, match="missing='last'"):
         mj.adaptive_recovery(ef, [4, 5], model.apply, tx, clients, cfg, stale_rows="interpolate")
+    with pytest.raises(ValueError, match="stale_rows"):
+        mj.adaptive_recovery(h, [4, 5], model.apply, tx, clients, cfg, stale_rows="zero")
