@@ -138,8 +138,11 @@ def test_cnn_scenario_config_and_cli_filters(tmp_path, capsys):
         S.SuiteConfig(model="cnn")  # the default data sets include mnist1d
     assert main(["suite", "--model", "cnn", "--attacks", "magic", "--out", str(tmp_path)]) == 2
     assert "--attacks ['magic'] not in" in capsys.readouterr().err
-    assert main(["suite", "--model", "cnn", "--seeds", "7", "--out", str(tmp_path)]) == 2
-    assert "--seeds [7] not in" in capsys.readouterr().err
+    # seeds outside the suite's make a suite of those seeds (fresh seeds): here none of its cells are there yet
+    os.makedirs(tmp_path / "fresh" / "cells")
+    assert main(["suite", "--model", "cnn", "--seeds", "7", "--report-only", "--out", str(tmp_path / "fresh")]) == 2
+    err = capsys.readouterr().err
+    assert "no cells of this suite's config" in err and "--seeds" not in err
 
 
 def test_distances_print_readably_when_a_model_diverged():
