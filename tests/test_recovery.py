@@ -436,6 +436,9 @@ def test_interpolated_rows_match_a_numpy_reference():
     assert all(np.all(np.isfinite(x)) for x in leaves(c.params)) and c.client_cost <= 0.6 + 1e-9
     with pytest.raises(ValueError, match="stale_offsets"):
         mj.adaptive_recovery(h, [4, 5], model.apply, tx, clients, cfg, stale_rows="interpolate", stale_offsets=True)
+    with pytest.raises(ValueError, match="remaining_corrections"):
+        mj.adaptive_recovery(h, [4, 5], model.apply, tx, clients, cfg, stale_rows="interpolate",
+                             remaining_corrections=True)
     short = mj.FedConfig(rounds=2, local_steps=1, batch_size=16, seed=5)
     ef = mj.train(model.apply, tx, params0, clients, short, {"ef": mj.medu(0.5, error_feedback=True)}).histories["ef"]
     with pytest.raises(ValueError, match="missing='last'"):

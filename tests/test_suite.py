@@ -143,6 +143,8 @@ def test_cnn_scenario_config_and_cli_filters(tmp_path, capsys):
     assert main(["suite", "--model", "cnn", "--seeds", "7", "--report-only", "--out", str(tmp_path / "fresh")]) == 2
     err = capsys.readouterr().err
     assert "no cells of this suite's config" in err and "--seeds" not in err
+    assert main(["suite", "--model", "cnn", "--seeds", "0,7", "--report-only", "--out", str(tmp_path / "fresh")]) == 2
+    assert "--seeds [7] not in" in capsys.readouterr().err  # a mix of the suite's seeds and fresh ones
 
 
 def test_distances_print_readably_when_a_model_diverged():

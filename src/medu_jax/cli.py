@@ -149,8 +149,9 @@ def _main(argv: list[str] | None) -> int:
     su.add_argument("--dataset", help="run only the cells of this data set (digits or mnist1d)")
     su.add_argument("--attacks", help="run only the cells of these attacks (comma-separated)")
     su.add_argument("--shares", help="run only the cells of these malicious shares (comma-separated, e.g. 0.2)")
-    su.add_argument("--seeds", help="run only the cells of these seeds (comma-separated); seeds outside the suite's "
-                                    "(0, 1) make a suite of the given seeds (fresh seeds, to confirm a result)")
+    su.add_argument("--seeds", help="run only the cells of these seeds (comma-separated); seeds none of which are "
+                                    "the suite's make a suite of those seeds (fresh seeds, to confirm a result: "
+                                    "give it its own --out); a mix of both is an error")
     su.add_argument("--report-only", action="store_true", help="summarize the cells already in --out, run none")
     su.add_argument("--medu", help="the MEDU history's setting as name=value pairs of compressors.medu, e.g. "
                                    "'fraction=0.25,bits=1,error_feedback=true' (use its own --out folder)")
@@ -232,9 +233,11 @@ def _suite(args) -> int:
         if args.dataset and args.dataset not in cfg.datasets:
             raise ValueError(f"--dataset {args.dataset!r} is not in this suite's data sets {cfg.datasets}")
         wanted = {"dataset": [args.dataset] if args.dataset else None}
-        if args.seeds and any(int(v) not in cfg.seeds for v in args.seeds.split(",")):
-            # seeds outside the suite's: a suite of those seeds (fresh seeds, to confirm a result)
-            cfg = dataclasses.replace(cfg, seeds=tuple(int(v) for v in args.seeds.split(",")))
+        seeds = tuple(dict.fromkeys(int(v) for v in args.seeds.split(","))) if args.seeds else ()
+        if seeds and not any(v in cfg.seeds for v in seeds):
+            # seeds none of which are the suite's: a suite of those seeds (fresh seeds, to confirm a result; give
+            # it its own --out: the cells of a suite are reused only by a suite with the same seeds)
+            cfg = dataclasses.replace(cfg, seeds=seeds)
         for key, field, kind in (("attack", "attacks", str), ("share", "shares", float), ("seed", "seeds", int)):
             given = getattr(args, field)
             if given:

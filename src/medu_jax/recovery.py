@@ -244,7 +244,8 @@ class _Interpolator:
     """stale_rows="interpolate": a row the round did not store, between two rows the history did store for that
     user (rounds p < t < q), estimated as d_p + (t - p) / (q - p) (d_q - d_p), the original trajectory's update at
     round t to first order in time instead of zeroth (recovery runs after training: the later row is known).
-    Holds every stored row decoded, (stored rows, d) float32, for the recovery's duration."""
+    Holds every stored row decoded, (stored rows, d) float32, for the recovery's duration. A guarded coder's
+    fallback row (stored as zero or as its reference) is a stored row like any other here."""
 
     def __init__(self, history: History):
         if history.compressor.feedback is not None or any(
@@ -261,7 +262,8 @@ class _Interpolator:
             rows.append(np.asarray(stored)[p])
             present.append(p)
         self.rows = np.concatenate(rows) if n else np.zeros((0, 0), np.float32)
-        self.index, present = index, np.stack(present) if present else np.zeros((0, 0), bool)
+        self.index = index
+        present = np.stack(present) if present else np.zeros((0, history.num_users), bool)
         t_ = np.arange(history.num_rounds)[:, None]
         self.prev = np.maximum.accumulate(np.where(present, t_, -1), axis=0)  # last stored round <= t
         big = history.num_rounds
@@ -333,6 +335,9 @@ def _recover(history: History, remove, apply_fn, tx, data: ClientData, cfg: FedC
     if stale_rows == "interpolate" and stale_offsets:
         raise ValueError(f"{method}: stale_rows='interpolate' estimates every row at its round's model; "
                          "stale_offsets (rows at the model they were computed at) does not apply")
+    if stale_rows == "interpolate" and remaining_corrections:
+        raise ValueError(f"{method}: remaining_corrections adds the staleness of the decoded rows back; with "
+                         "stale_rows='interpolate' the rows are no longer those, and it would count it twice")
     interp = _Interpolator(history) if stale_rows == "interpolate" else None
     tau = jnp.float32(abnormality_threshold(history, alpha))
     keep, weights = ~excl, jnp.asarray(history.weights, jnp.float32)
@@ -475,7 +480,7 @@ def adaptive_recovery(history: History, remove: Iterable[int], apply_fn, tx, dat
     (d_q - d_p), the original trajectory's update at round t to first order in time (recovery runs after
     training, so the later row is known; before a user's first and after its last stored row, the row as decoded).
     Every estimate and curvature pair then uses a row for this round's model, so ``stale_offsets`` does not apply.
-    It decodes the history twice and holds every stored row decoded during the recovery ((stored rows, d) float32:
+    It decodes the history once more and holds every stored row decoded during the recovery ((stored rows, d) float32:
     with 7 of 50 users a round, 14% of the float32 history's bytes). A float32 history stores every row, and there
     it changes nothing.
     """
