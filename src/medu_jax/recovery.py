@@ -224,9 +224,8 @@ def abnormality_threshold(history: History, alpha: float) -> float:
         raise ValueError(f"alpha (tolerance rate) must be in [0, 1), got {alpha!r}")
     if alpha == 0:
         return math.inf
-    state, tau = _init_state(history.compressor, history.like), -math.inf
-    for i, t, msg in _messages(history):
-        stored, valid, state = _decode(history.compressor, msg, state, compressor_key(history.seed, t))
+    tau = -math.inf
+    for _, _, _, stored, valid, _ in _decoded(history):
         n = int(jnp.sum(valid)) * stored.shape[1]
         if n:
             tau = max(tau, float(_round_tau(stored, valid, int(alpha * n))))
@@ -238,6 +237,14 @@ def _messages(history: History):
     ids = history.round_ids
     for i in range(history.num_rounds):
         yield i, ids[i], jax.tree.map(lambda a: a[0], history.expand([i]))
+
+
+def _decoded(history: History):
+    """(record index, round id, message, decoded rows (K, d), valid, decoder state after it) in order."""
+    state = _init_state(history.compressor, history.like)
+    for i, t, msg in _messages(history):
+        stored, valid, state = _decode(history.compressor, msg, state, compressor_key(history.seed, t))
+        yield i, t, msg, stored, valid, state
 
 
 class _Interpolator:
@@ -252,10 +259,9 @@ class _Interpolator:
                 getattr(f, "missing", "last") != "last" for f in history.compressor.filters):
             raise ValueError("stale_rows='interpolate' needs a history whose unstored rows are the users' last stored "
                              "rows (missing='last', no error feedback)")
-        state, rows, present, n = _init_state(history.compressor, history.like), [], [], 0
+        rows, present, n = [], [], 0
         index = np.full((history.num_rounds, history.num_users), -1, np.int64)
-        for i, t, msg in _messages(history):
-            stored, valid, state = _decode(history.compressor, msg, state, compressor_key(history.seed, t))
+        for i, _, msg, stored, valid, _ in _decoded(history):
             p = np.asarray(msg.present) & np.asarray(valid)
             index[i, p] = n + np.arange(int(p.sum()))
             n += int(p.sum())
@@ -345,14 +351,13 @@ def _recover(history: History, remove, apply_fn, tx, data: ClientData, cfg: FedC
     w_o = _flat(w_u)
     k, d = history.num_users, w_o.shape[0]
     S, Y, count = jnp.zeros((k, memory, d)), jnp.zeros((k, memory, d)), jnp.zeros((k,), jnp.int32)
-    state, steps, exact_rounds, fixed, dropped = _init_state(history.compressor, history.like), 0, 0, 0, 0
+    steps, exact_rounds, fixed, dropped = 0, 0, 0, 0
     srv_u, srv_o = _Server(history, w_u), _Server(history, w_u)  # the recovered and the original trajectory
     full = retrain_steps(data, cfg, remove)
     anchor = None  # w_u - w at the last exact round (the adaptive trigger's reference)
     in_run = jnp.zeros((k,), bool)  # clients whose newest pair sums the exact rounds up to the previous one
     rows_at = jnp.broadcast_to(w_o, (k, d)) if stale_offsets else None  # the model each client's row was computed at
-    for i, t, msg in _messages(history):
-        stored, valid, state = _decode(history.compressor, msg, state, compressor_key(history.seed, t))
+    for i, t, msg, stored, valid, state in _decoded(history):
         stored_valid, flat_u = valid, _flat(w_u)
         decoded = stored  # the original trajectory's rows; recovery's (stored) may be interpolated
         if interp is not None:
@@ -514,9 +519,8 @@ def calibrated_replay(history: History, remove, apply_fn, tx, data: ClientData, 
         raise ValueError(f"{method}: cal_steps and every must be >= 1, got {cal_steps}, {every}")
     cal_cfg = dataclasses.replace(cfg, local_steps=int(cal_steps))
     weights = jnp.asarray(history.weights, jnp.float32)
-    state, steps, start_model, srv = _init_state(history.compressor, history.like), 0, w, _Server(history, w)
-    for i, t, msg in _messages(history):
-        stored, valid, state = _decode(history.compressor, msg, state, compressor_key(history.seed, t))
+    steps, start_model, srv = 0, w, _Server(history, w)
+    for i, t, _, stored, valid, _ in _decoded(history):
         if i < start or (i - start) % every:
             continue
         if first_direct and i == start:  # the first round starts from w^0, untouched by the removed clients
